@@ -15,6 +15,8 @@ be returned from the same forward pass for the dispersive loss.
 
 import math
 import os
+import sys
+import time
 
 import torch
 import torch.nn as nn
@@ -438,3 +440,347 @@ def download_pretrained(name, cache_dir=None):
         raise RuntimeError(f"could not download {url} ({e}): download it by hand and pass its path") from e
     os.replace(tmp, dst)
     return dst
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Gaussian diffusion (ADM/IDDPM as used by DiT)
+#
+#     diffusion = create_diffusion()                                # 1000 steps, for training
+#     terms = diffusion.training_losses(model, x0, y, return_features=k)   # {"loss", "mse", "vb", "feats"}
+#     x0 = sample(model, z, y, sampler="ddpm", num_steps=250, cfg_scale=1.5)
+#
+# The network predicts eps in its first C output channels and, when it has 2C, the variance in the rest
+# ("learned range"). Schedules are float64 on the CPU; each lookup casts to the data's dtype after the
+# float64 arithmetic, like the official _extract_into_tensor.
+# ---------------------------------------------------------------------------------------------------------
+
+def get_named_beta_schedule(schedule_name, num_diffusion_timesteps):
+    """Ho et al.'s linear schedule 1e-4 -> 0.02, stretched so that any T gives the same process as T = 1000."""
+    if schedule_name != "linear":
+        raise ValueError(f"unknown noise schedule {schedule_name!r}: DiT uses 'linear'")
+    scale = 1000 / num_diffusion_timesteps
+    return torch.linspace(scale * 0.0001, scale * 0.02, num_diffusion_timesteps, dtype=torch.float64)
+
+
+def mean_flat(x):
+    return x.mean(dim=list(range(1, x.dim())))
+
+
+def normal_kl(mean1, logvar1, mean2, logvar2):
+    """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)) elementwise, in nats."""
+    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
+
+
+def approx_standard_normal_cdf(x):
+    return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3))))
+
+
+def discretized_gaussian_log_likelihood(x, means, log_scales):
+    """log-likelihood of data in [-1, 1] quantised to 256 bins under N(means, e^(2 log_scales)) (ADM's decoder)."""
+    centered_x = x - means
+    inv_stdv = torch.exp(-log_scales)
+    cdf_plus = approx_standard_normal_cdf(inv_stdv * (centered_x + 1.0 / 255.0))
+    cdf_min = approx_standard_normal_cdf(inv_stdv * (centered_x - 1.0 / 255.0))
+    log_cdf_plus = torch.log(cdf_plus.clamp(min=1e-12))
+    log_one_minus_cdf_min = torch.log((1.0 - cdf_min).clamp(min=1e-12))
+    log_cdf_delta = torch.log((cdf_plus - cdf_min).clamp(min=1e-12))
+    # the edge bins extend to -inf / +inf
+    return torch.where(x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_min, log_cdf_delta))
+
+
+def _extract(arr, t, x):
+    """arr[t] from a float64 CPU schedule as an (N, 1, ..., 1) tensor in x's dtype on x's device."""
+    # cast before the move: float64 does not exist on every accelerator (MPS); arr.to(dtype)[t] == arr[t].to(dtype)
+    return arr.to(x.dtype).to(x.device)[t].reshape(-1, *[1] * (x.dim() - 1))
+
+
+class GaussianDiffusion:
+    """Forward process, training loss and reverse steps of a discrete Gaussian diffusion with eps prediction.
+
+    The model's output is eps (N, C, ...) or eps and variance (N, 2C, ...). A 2C output uses the learned
+    range: v in [-1, 1] interpolates the log-variance between the clipped posterior variance and beta_t.
+    A C output uses a fixed variance: beta_t ("fixed large", the official default for learn_sigma=False)
+    or, with sigma_small=True, the posterior variance ("fixed small").
+
+    Indices t run over this process's own steps; `timestep_map[t]` is the step of the original 1000-step
+    process that the network is given (the identity unless respaced, see SpacedDiffusion).
+    """
+
+    def __init__(self, betas, sigma_small=False):
+        betas = torch.as_tensor(betas, dtype=torch.float64)
+        if betas.dim() != 1 or not ((betas > 0) & (betas <= 1)).all():
+            raise ValueError("betas must be a 1-D schedule with values in (0, 1]")
+        self.num_timesteps = len(betas)
+        self.timestep_map = torch.arange(self.num_timesteps)
+        self.sigma_small = sigma_small
+        self.betas = betas
+
+        alphas = 1.0 - betas
+        self.alphas_cumprod = torch.cumprod(alphas, dim=0)                        # ᾱ_t
+        self.alphas_cumprod_prev = torch.cat([betas.new_ones(1), self.alphas_cumprod[:-1]])
+        self.sqrt_alphas_cumprod = self.alphas_cumprod.sqrt()
+        self.sqrt_one_minus_alphas_cumprod = (1.0 - self.alphas_cumprod).sqrt()
+        self.sqrt_recip_alphas_cumprod = (1.0 / self.alphas_cumprod).sqrt()
+        self.sqrt_recipm1_alphas_cumprod = (1.0 / self.alphas_cumprod - 1).sqrt()
+
+        # posterior q(x_{t-1} | x_t, x_0)
+        self.posterior_variance = betas * (1.0 - self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
+        # the posterior variance is 0 at t = 0: its log is clipped to the value at t = 1 (a 1-step process
+        # adds no noise at all, so any finite value does there)
+        clip = self.posterior_variance[1:2] if self.num_timesteps > 1 else betas
+        self.posterior_log_variance_clipped = torch.log(torch.cat([clip, self.posterior_variance[1:]]))
+        self.posterior_mean_coef1 = betas * self.alphas_cumprod_prev.sqrt() / (1.0 - self.alphas_cumprod)
+        self.posterior_mean_coef2 = (1.0 - self.alphas_cumprod_prev) * alphas.sqrt() / (1.0 - self.alphas_cumprod)
+        self.log_betas = torch.log(betas)
+        # fixed large starts at the posterior variance of t = 1 for a better decoder likelihood (as official)
+        self.log_betas_fixed_large = torch.log(torch.cat([clip, betas[1:]]))
+
+    # --- forward process ----------------------------------------------------------------------------------
+
+    def q_sample(self, x_start, t, noise=None):
+        """x_t = sqrt(ᾱ_t) x_0 + sqrt(1 - ᾱ_t) eps."""
+        if noise is None:
+            noise = torch.randn_like(x_start)
+        return (_extract(self.sqrt_alphas_cumprod, t, x_start) * x_start
+                + _extract(self.sqrt_one_minus_alphas_cumprod, t, x_start) * noise)
+
+    def q_posterior_mean_variance(self, x_start, x_t, t):
+        """Mean, variance and clipped log-variance of q(x_{t-1} | x_t, x_0)."""
+        mean = (_extract(self.posterior_mean_coef1, t, x_t) * x_start
+                + _extract(self.posterior_mean_coef2, t, x_t) * x_t)
+        return mean, _extract(self.posterior_variance, t, x_t), _extract(self.posterior_log_variance_clipped, t, x_t)
+
+    def _predict_xstart_from_eps(self, x_t, t, eps):
+        return (_extract(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t
+                - _extract(self.sqrt_recipm1_alphas_cumprod, t, x_t) * eps)
+
+    def _predict_eps_from_xstart(self, x_t, t, pred_xstart):
+        return ((_extract(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t - pred_xstart)
+                / _extract(self.sqrt_recipm1_alphas_cumprod, t, x_t))
+
+    # --- the model's reverse step -------------------------------------------------------------------------
+
+    def _model(self, model, x, t, y, **kwargs):
+        # the network always sees steps of the original process
+        return model(x, self.timestep_map.to(t.device)[t], y, **kwargs)
+
+    def _split_output(self, model_output, x):
+        C = x.shape[1]
+        if model_output.shape[1] == 2 * C:
+            return torch.split(model_output, C, dim=1)                            # eps, v
+        if model_output.shape[1] == C:
+            return model_output, None
+        raise ValueError(f"the model returned {model_output.shape[1]} channels for {C}-channel data: "
+                         f"expected {C} (eps) or {2 * C} (eps and learned variance)")
+
+    def _p_mean_variance_from_output(self, model_output, x, t, clip_denoised=False):
+        eps, v = self._split_output(model_output, x)
+        if v is not None:
+            # learned range: v = -1 -> posterior variance, v = +1 -> beta_t (interpolated in log space)
+            min_log = _extract(self.posterior_log_variance_clipped, t, x)
+            max_log = _extract(self.log_betas, t, x)
+            frac = (v + 1) / 2
+            log_variance = frac * max_log + (1 - frac) * min_log
+        elif self.sigma_small:
+            log_variance = _extract(self.posterior_log_variance_clipped, t, x).expand_as(x)
+        else:
+            log_variance = _extract(self.log_betas_fixed_large, t, x).expand_as(x)
+        pred_xstart = self._predict_xstart_from_eps(x, t, eps)
+        if clip_denoised:
+            pred_xstart = pred_xstart.clamp(-1, 1)
+        mean, _, _ = self.q_posterior_mean_variance(pred_xstart, x, t)
+        return {"mean": mean, "variance": torch.exp(log_variance), "log_variance": log_variance,
+                "pred_xstart": pred_xstart}
+
+    def p_mean_variance(self, model, x, t, y, clip_denoised=False):
+        """p(x_{t-1} | x_t) as {"mean", "variance", "log_variance", "pred_xstart"}; DiT samples with
+        clip_denoised=False."""
+        return self._p_mean_variance_from_output(self._model(model, x, t, y), x, t, clip_denoised)
+
+    # --- training -----------------------------------------------------------------------------------------
+
+    def _vb_terms_bpd(self, model_output, x_start, x_t, t):
+        """One term of the variational bound in bits per dimension: KL to the true posterior for t > 0,
+        the discretised decoder NLL at t = 0."""
+        true_mean, _, true_log_variance = self.q_posterior_mean_variance(x_start, x_t, t)
+        out = self._p_mean_variance_from_output(model_output, x_t, t, clip_denoised=False)
+        kl = mean_flat(normal_kl(true_mean, true_log_variance, out["mean"], out["log_variance"])) / math.log(2.0)
+        decoder_nll = -mean_flat(discretized_gaussian_log_likelihood(
+            x_start, means=out["mean"], log_scales=0.5 * out["log_variance"])) / math.log(2.0)
+        return torch.where(t == 0, decoder_nll, kl)
+
+    def training_losses(self, model, x_start, y, t=None, noise=None, return_features=None):
+        """Per-sample loss = MSE(eps) + VLB term ("hybrid" loss of IDDPM as DiT trains it; no 1/1000 rescale).
+
+        t ~ U{0, ..., T-1} and noise ~ N(0, I) come from torch's global RNG when not given. The VLB sees the
+        predicted mean detached, so it trains only the variance channels. Returns {"loss", "mse", "vb", "feats"}
+        with feats the (N, T, D) output of block `return_features` from the same forward pass (else None).
+        """
+        if t is None:
+            t = torch.randint(0, self.num_timesteps, (x_start.shape[0],), device=x_start.device)
+        if noise is None:
+            noise = torch.randn_like(x_start)
+        x_t = self.q_sample(x_start, t, noise=noise)
+        feats = None
+        if return_features is None:
+            model_output = self._model(model, x_t, t, y)
+        else:
+            model_output, feats = self._model(model, x_t, t, y, return_features=return_features)
+        eps, v = self._split_output(model_output, x_t)
+        mse = mean_flat((noise - eps) ** 2)
+        if v is not None:
+            # important! the mean is frozen inside the VLB: the eps channels learn from the MSE alone
+            frozen_out = torch.cat([eps.detach(), v], dim=1)
+            vb = self._vb_terms_bpd(frozen_out, x_start, x_t, t)
+        else:
+            vb = torch.zeros_like(mse)
+        return {"loss": mse + vb, "mse": mse, "vb": vb, "feats": feats}
+
+    # --- sampling steps -----------------------------------------------------------------------------------
+
+    def p_sample(self, model, x, t, y, clip_denoised=False, generator=None):
+        """One ancestral step x_t -> x_{t-1} ~ p(x_{t-1} | x_t); no noise is added at t = 0."""
+        out = self.p_mean_variance(model, x, t, y, clip_denoised)
+        noise = _randn_like(x, generator)
+        nonzero_mask = (t != 0).to(x.dtype).reshape(-1, *[1] * (x.dim() - 1))
+        return out["mean"] + nonzero_mask * torch.exp(0.5 * out["log_variance"]) * noise
+
+    def ddim_sample(self, model, x, t, y, clip_denoised=False, eta=0.0, generator=None):
+        """One DDIM step (Song et al.); eta = 0 is deterministic, eta = 1 has DDPM's posterior variance."""
+        out = self.p_mean_variance(model, x, t, y, clip_denoised)
+        eps = self._predict_eps_from_xstart(x, t, out["pred_xstart"])
+        alpha_bar = _extract(self.alphas_cumprod, t, x)
+        alpha_bar_prev = _extract(self.alphas_cumprod_prev, t, x)
+        sigma = eta * torch.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar)) * torch.sqrt(1 - alpha_bar / alpha_bar_prev)
+        mean_pred = out["pred_xstart"] * torch.sqrt(alpha_bar_prev) + torch.sqrt(1 - alpha_bar_prev - sigma ** 2) * eps
+        noise = _randn_like(x, generator)
+        nonzero_mask = (t != 0).to(x.dtype).reshape(-1, *[1] * (x.dim() - 1))
+        return mean_pred + nonzero_mask * sigma * noise
+
+
+def space_timesteps(num_timesteps, section_counts):
+    """The steps of the original process kept by respacing (official semantics).
+
+    section_counts: "250" (evenly spaced with rounding, ends included), "10,15,20" (the process cut into
+    equal sections, each strided to its count), a list of ints, or "ddimN" (the integer stride of the DDIM
+    paper, range(0, T, stride) with exactly N steps). Returns a set.
+    """
+    if isinstance(section_counts, str):
+        if section_counts.startswith("ddim"):
+            desired_count = int(section_counts[len("ddim"):])
+            for stride in range(1, num_timesteps):
+                if len(range(0, num_timesteps, stride)) == desired_count:
+                    return set(range(0, num_timesteps, stride))
+            raise ValueError(f"cannot take exactly {desired_count} of {num_timesteps} steps with an integer "
+                             f"stride: pick another ddim count or use plain respacing (e.g. '{desired_count}')")
+        section_counts = [int(x) for x in section_counts.split(",")]
+    size_per = num_timesteps // len(section_counts)
+    extra = num_timesteps % len(section_counts)
+    start_idx = 0
+    all_steps = []
+    for i, section_count in enumerate(section_counts):
+        size = size_per + (1 if i < extra else 0)
+        if size < section_count:
+            raise ValueError(f"cannot take {section_count} steps from a section of {size}: use fewer steps")
+        frac_stride = 1 if section_count <= 1 else (size - 1) / (section_count - 1)
+        # Python's round (half to even) as the official code, so the kept steps match exactly
+        all_steps += [start_idx + round(j * frac_stride) for j in range(section_count)]
+        start_idx += size
+    return set(all_steps)
+
+
+class SpacedDiffusion(GaussianDiffusion):
+    """A diffusion over a subset of the original steps: betas chosen so that ᾱ at the kept steps is unchanged,
+    and the model is given the original step numbers (timestep_map)."""
+
+    def __init__(self, use_timesteps, betas, sigma_small=False):
+        betas = torch.as_tensor(betas, dtype=torch.float64)
+        self.original_num_steps = len(betas)
+        kept = sorted(use_timesteps)
+        alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)[kept]
+        last = torch.cat([betas.new_ones(1), alphas_cumprod[:-1]])
+        super().__init__(1.0 - alphas_cumprod / last, sigma_small=sigma_small)
+        self.timestep_map = torch.tensor(kept, dtype=torch.long)
+
+
+def create_diffusion(timestep_respacing="", noise_schedule="linear", sigma_small=False, diffusion_steps=1000):
+    """The official factory: "" keeps all steps (training), "250" / "ddim50" respace for sampling.
+
+    Eps-only networks (learn_sigma=False) sample with beta_t, or the posterior variance with sigma_small=True.
+    """
+    betas = get_named_beta_schedule(noise_schedule, diffusion_steps)
+    if timestep_respacing is None or timestep_respacing == "":
+        timestep_respacing = [diffusion_steps]
+    return SpacedDiffusion(space_timesteps(diffusion_steps, timestep_respacing), betas, sigma_small=sigma_small)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Samplers
+# ---------------------------------------------------------------------------------------------------------
+
+def _randn_like(x, generator=None):
+    if generator is None:
+        return torch.randn_like(x)
+    # a generator may live on another device than x (e.g. a CPU generator for device-independent noise)
+    return torch.randn(x.shape, generator=generator, device=generator.device, dtype=x.dtype).to(x.device)
+
+
+def classifier_free_guidance(model, cfg_scale, null_class=None, guide_channels=None):
+    """A callable model(x, t, y) whose eps is uncond + cfg_scale * (cond - uncond), from one pass over [x, x]
+    with labels [y, null]; the learned variance (and unguided channels) come from the conditional half.
+
+    guide_channels=None guides every eps channel; 3 reproduces the official DiT sampler (first 3 of 4).
+    """
+    if null_class is None:
+        null_class = getattr(model, "num_classes", None)
+    if null_class is None:
+        raise ValueError("classifier-free guidance needs the null class label: pass null_class= (for DiT it is "
+                         "model.num_classes)")
+    table = getattr(getattr(model, "y_embedder", None), "embedding_table", None)
+    if table is not None and table.num_embeddings <= null_class:
+        raise ValueError("this model has no null-class embedding (trained with class_dropout_prob=0): "
+                         "sample with cfg_scale=1.0")
+
+    def guided(x, t, y):
+        y_null = torch.full_like(y, null_class)
+        out = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, y_null]))
+        cond, uncond = out.chunk(2, dim=0)
+        g = x.shape[1] if guide_channels is None else guide_channels
+        eps = uncond[:, :g] + cfg_scale * (cond[:, :g] - uncond[:, :g])
+        return torch.cat([eps, cond[:, g:]], dim=1)
+    return guided
+
+
+@torch.no_grad()
+def sample(model, z, y, sampler="ddpm", num_steps=250, cfg_scale=1.0, guide_channels=None, generator=None,
+           eta=0.0, null_class=None, progress=False, sigma_small=False):
+    """Draw x_0 from noise z (N, C, H, W) with labels y (N,) by DDPM ancestral sampling or DDIM.
+
+    model: any callable model(x, t, y) -> (N, 2C, H, W) eps and learned variance, or (N, C, H, W) eps
+           (then fixed variance: beta_t, or the posterior variance with sigma_small=True).
+    num_steps: number of respaced steps (official `str(num_steps)` spacing; 250 in DiT) or a respacing
+               string such as "ddim50".
+    cfg_scale: classifier-free guidance scale (1.0 = none); the null label is model.num_classes or null_class.
+    generator: a torch.Generator or an int seed for the per-step noise (z is given, so the result is then
+               reproducible); None uses torch's global RNG.
+    eta: DDIM noise (0 = deterministic).
+    """
+    if sampler not in ("ddpm", "ddim"):
+        raise ValueError(f"unknown sampler {sampler!r}: choose 'ddpm' or 'ddim'")
+    diffusion = create_diffusion(str(num_steps), sigma_small=sigma_small)
+    net = model if cfg_scale == 1.0 else classifier_free_guidance(model, cfg_scale, null_class, guide_channels)
+    if isinstance(generator, int):
+        generator = torch.Generator(device=z.device).manual_seed(generator)
+    x = z
+    n = diffusion.num_timesteps
+    start = time.time()
+    for k, i in enumerate(reversed(range(n)), start=1):
+        t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
+        if sampler == "ddpm":
+            x = diffusion.p_sample(net, x, t, y, clip_denoised=False, generator=generator)
+        else:
+            x = diffusion.ddim_sample(net, x, t, y, clip_denoised=False, eta=eta, generator=generator)
+        if progress and (k % max(1, n // 10) == 0 or k == n):
+            rate = k / max(time.time() - start, 1e-9)
+            print(f"{sampler} step {k}/{n} | {rate:.2f} it/s | eta {(n - k) / rate:.0f}s", file=sys.stderr, flush=True)
+    return x
