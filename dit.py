@@ -721,6 +721,8 @@ def create_diffusion(timestep_respacing="", noise_schedule="linear", sigma_small
 def _randn_like(x, generator=None):
     if generator is None:
         return torch.randn_like(x)
+    if callable(generator):  # a noise source noise_fn(x) -> tensor like x (per-sample streams, see sample.py)
+        return generator(x)
     # a generator may live on another device than x (e.g. a CPU generator for device-independent noise)
     return torch.randn(x.shape, generator=generator, device=generator.device, dtype=x.dtype).to(x.device)
 
@@ -753,7 +755,7 @@ def classifier_free_guidance(model, cfg_scale, null_class=None, guide_channels=N
 
 @torch.no_grad()
 def sample(model, z, y, sampler="ddpm", num_steps=250, cfg_scale=1.0, guide_channels=None, generator=None,
-           eta=0.0, null_class=None, progress=False, sigma_small=False):
+           eta=0.0, null_class=None, progress=False, sigma_small=False, noise_fn=None):
     """Draw x_0 from noise z (N, C, H, W) with labels y (N,) by DDPM ancestral sampling or DDIM.
 
     model: any callable model(x, t, y) -> (N, 2C, H, W) eps and learned variance, or (N, C, H, W) eps
@@ -763,6 +765,8 @@ def sample(model, z, y, sampler="ddpm", num_steps=250, cfg_scale=1.0, guide_chan
     cfg_scale: classifier-free guidance scale (1.0 = none); the null label is model.num_classes or null_class.
     generator: a torch.Generator or an int seed for the per-step noise (z is given, so the result is then
                reproducible); None uses torch's global RNG.
+    noise_fn: instead of the generator, a callable noise_fn(x) -> standard normal noise like x (N rows, never
+              the CFG-doubled batch), e.g. per-sample streams so that images do not depend on the batch size.
     eta: DDIM noise (0 = deterministic).
     """
     if sampler not in ("ddpm", "ddim"):
@@ -771,6 +775,8 @@ def sample(model, z, y, sampler="ddpm", num_steps=250, cfg_scale=1.0, guide_chan
     net = model if cfg_scale == 1.0 else classifier_free_guidance(model, cfg_scale, null_class, guide_channels)
     if isinstance(generator, int):
         generator = torch.Generator(device=z.device).manual_seed(generator)
+    if noise_fn is not None:
+        generator = noise_fn
     x = z
     n = diffusion.num_timesteps
     start = time.time()

@@ -201,7 +201,7 @@ class Transport:
     @torch.no_grad()
     def sample(self, model, z, y, sampler="sde", num_steps=250, cfg_scale=1.0, guide_channels=None,
                guidance_interval=(0.0, 1.0), atol=1e-6, rtol=1e-3, last_step_size=0.04, generator=None,
-               null_class=None, return_nfe=False, progress=False):
+               null_class=None, return_nfe=False, progress=False, noise_fn=None):
         """Integrate from noise z (t = 0) to data (t = 1); see the module docstring for the NFE of each sampler.
 
         ODE: v is the prediction turned into a velocity. SDE (the official "sigma" form): diffusion w_t = σ_t,
@@ -214,6 +214,8 @@ class Transport:
         first guide_channels channels (None: all); outside the interval it gets the conditional batch only.
         The official sampler carries the doubled batch [z, z] through the solver; carrying z and doubling it
         inside each call gives the first half of its result at the same network cost.
+        noise_fn: instead of the generator, a callable noise_fn(x) -> standard normal noise like x for each SDE
+        step (e.g. per-sample streams, so that images do not depend on the batch size).
         """
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}: choose one of {SAMPLERS}")
@@ -228,7 +230,8 @@ class Transport:
         elif sampler == "dopri5":
             x = self._dopri5(fn, z, atol, rtol, bar=bar)
         else:
-            x = self._sde(fn, z, num_steps, last_step_size, heun=sampler == "sde-heun", generator=generator, bar=bar)
+            x = self._sde(fn, z, num_steps, last_step_size, heun=sampler == "sde-heun",
+                          generator=noise_fn or generator, bar=bar)
         bar.close(fn.nfe)
         return (x, fn.nfe) if return_nfe else x
 
@@ -262,7 +265,10 @@ class Transport:
         ts = torch.linspace(t0, t1, num_steps, dtype=torch.float64).tolist()     # the official grid
         dt = ts[1] - ts[0]
         for i, t in enumerate(ts[:-1]):
-            noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            if callable(generator):  # a noise source noise_fn(x)
+                noise = generator(x)
+            else:
+                noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
             if heun:  # the official stochastic Heun: noise first, then a Heun step of the drift
                 w = self.coefficients(torch.tensor(t, dtype=torch.float64))[1].item()
                 x = x + math.sqrt(2 * w * dt) * noise
@@ -401,7 +407,8 @@ class _Progress:
 
 def sample(model, z, y, sampler="sde", num_steps=250, cfg_scale=1.0, guide_channels=None,
            guidance_interval=(0.0, 1.0), atol=1e-6, rtol=1e-3, generator=None, null_class=None, path="linear",
-           prediction="velocity", sample_eps=None, last_step_size=0.04, return_nfe=False, progress=False):
+           prediction="velocity", sample_eps=None, last_step_size=0.04, return_nfe=False, progress=False,
+           noise_fn=None):
     """Sample data (t = 1) from noise z (t = 0) with a SiT-style model; returns x, or (x, nfe) with return_nfe.
 
     sampler: "sde" (official default SDE: Euler–Maruyama, 250 steps, NFE = num_steps), "sde-heun"
@@ -413,4 +420,4 @@ def sample(model, z, y, sampler="sde", num_steps=250, cfg_scale=1.0, guide_chann
     return transport.sample(model, z, y, sampler=sampler, num_steps=num_steps, cfg_scale=cfg_scale,
                             guide_channels=guide_channels, guidance_interval=guidance_interval, atol=atol,
                             rtol=rtol, last_step_size=last_step_size, generator=generator, null_class=null_class,
-                            return_nfe=return_nfe, progress=progress)
+                            return_nfe=return_nfe, progress=progress, noise_fn=noise_fn)
