@@ -1,5 +1,6 @@
 """Tests of meanflow.py: the JVP target against finite differences, gradients against an independent
-recomputation, time sampling statistics, the CFG target, and the exact MeanFlow of Gaussian data (closed form).
+recomputation, time sampling statistics, the CFG target (its r = t rows reuse their prediction: checked against
+separate no-grad calls, rows counted), and the exact MeanFlow of Gaussian data (closed form).
 Tiny networks on CPU; float64 wherever a number is compared tightly."""
 
 import copy
@@ -327,6 +328,103 @@ def test_cfg_target_dropout_and_adaptive_loss_match_manual_formula(p):
     L = (u - v_g).square().sum(dim=(1, 2, 3))
     assert _rel(terms["loss"], L / (L + c) ** p) < 1e-12
     assert _rel(terms["mse_uv"], (u - v).square().sum(dim=(1, 2, 3))) < 1e-12
+
+
+def _seed_dropping(k, B, p):
+    # given t, r and ε the only draw is the label dropout: a seed whose mask drops exactly the first k rows
+    for seed in range(1000):
+        torch.manual_seed(seed)
+        if int((torch.rand(B) < p).sum()) == k:
+            return seed
+    raise AssertionError("no seed found")
+
+
+def guided_times(dtype=torch.float64):
+    # rows 0-4 r = t, rows 5-7 r ≠ t; with interval [0, 0.75] and the first 2 rows dropped: guided r = t rows
+    # 2, 3, guided r ≠ t rows 5, 6, unguided: 0 (dropped), 1 (dropped, outside), 4 (r = t, outside), 7 (outside)
+    t = torch.tensor([0.5, 0.9, 0.6, 0.3, 0.8, 0.7, 0.4, 0.85], dtype=dtype)
+    r = torch.tensor([0.5, 0.9, 0.6, 0.3, 0.8, 0.2, 0.1, 0.5], dtype=dtype)
+    return t, r
+
+
+def reference_guided_loss(mf, model, x, y, t, r, noise, drop, null):
+    """The plain formulation: v_g from no-grad calls u(z, t, t | y) and u(z, t, t | ∅) on every row, kept where
+    t is in the interval and the label is kept; then the loss of predict_and_target's u and u_tgt."""
+    lo, hi = mf.t_interval
+    tb = t.view(-1, 1, 1, 1)
+    z = (1 - tb) * x + tb * noise
+    v = noise - x
+    with torch.no_grad():
+        guided = (mf.omega * v + mf.kappa * model(z, t, t, y)
+                  + (1 - mf.omega - mf.kappa) * model(z, t, t, torch.full_like(y, null)))
+    use = ((t >= lo) & (t <= hi) & ~drop).view(-1, 1, 1, 1)
+    v_g = torch.where(use, guided, v)
+    u, u_tgt, _ = mf.predict_and_target(model, z, t, r, torch.where(drop, null, y), v_g)
+    L = (u - u_tgt).square().sum(dim=(1, 2, 3))
+    return L / (L.detach() + mf.adaptive_c) ** mf.adaptive_p, v_g
+
+
+@pytest.mark.parametrize("omega,kappa,interval", [
+    (1.0, 0.5, (0.0, 1.0)),        # B/2, M/2
+    (0.2, 0.92, (0.0, 0.75)),      # XL/2
+    (0.5, 0.5, (0.0, 0.75)),       # 1 − ω − κ = 0: no unconditional call
+    (3.0, 0.0, (0.0, 1.0)),        # B/4: κ = 0, nothing taken from the prediction
+])
+def test_guided_target_reusing_the_prediction_matches_separate_calls(omega, kappa, interval):
+    mf = MeanFlow(omega=omega, kappa=kappa, t_interval=interval, class_dropout_prob=0.3)
+    m = tiny_net()
+    x, noise, y = batch(B=8)
+    t, r = guided_times()
+    seed = _seed_dropping(2, 8, 0.3)
+    torch.manual_seed(seed)
+    loss = mf.training_losses(m, x, y, t=t, r=r, noise=noise)["loss"]
+    loss.mean().backward()
+    got = [p.grad.clone() for p in m.parameters() if p.requires_grad]
+
+    m.zero_grad()
+    drop = torch.arange(8) < 2
+    ref, v_g = reference_guided_loss(mf, m, x, y, t, r, noise, drop, null=5)
+    ref.mean().backward()
+    assert _rel(loss, ref) < 1e-10
+    for a, p in zip(got, (p for p in m.parameters() if p.requires_grad)):
+        assert _rel(a, p.grad) < 1e-9
+    # the public guided_velocity still gives the whole v_g
+    tb = t.view(-1, 1, 1, 1)
+    assert _rel(mf.guided_velocity(m, (1 - tb) * x + tb * noise, t, y, noise - x, drop), v_g) < 1e-12
+    if omega != 1.0 or kappa != 0.0:
+        assert _rel(v_g, noise - x) > 1e-3                     # guidance changes the target at all
+
+
+class CountingModel(ToyModel):
+    """ToyModel that records the rows of each call and whether it ran with gradient."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __call__(self, z, t, r, y, return_features=None):
+        self.calls.append((len(y), torch.is_grad_enabled()))
+        return super().__call__(z, t, r, y, return_features)
+
+
+def test_guidance_forward_skips_the_rows_whose_prediction_is_reused():
+    B = 8
+    x, noise, y = batch(B=B)
+    y = y % 3
+    t, r = guided_times()                                     # guided rows: r = t 2, 3; r ≠ t 5, 6
+    seed = _seed_dropping(2, B, 0.3)
+    # (ω, κ, rows of the no-grad call before: u(·|y) and u(·|∅) each on all 4 guided rows, now)
+    for omega, kappa, before, now in ((1.0, 0.5, 8, 6), (0.2, 0.92, 8, 6), (0.5, 0.5, 4, 2), (3.0, 0.0, 4, 4)):
+        model = CountingModel()
+        mf = MeanFlow(omega=omega, kappa=kappa, t_interval=(0.0, 0.75), class_dropout_prob=0.3)
+        torch.manual_seed(seed)
+        mf.training_losses(model, x, y, t=t, r=r, noise=noise)
+        # one no-grad call, then the plain forward on the 5 r = t rows and the JVP on the 3 r ≠ t rows
+        assert model.calls == [(now, False), (5, True), (3, True)], (omega, kappa)
+        assert before - now == (2 if kappa != 0.0 else 0)      # κ ≠ 0: the 2 guided r = t rows are saved
+        expected = [y[5], y[6]] if kappa != 0.0 else []       # u(·|y) only for the guided r ≠ t rows
+        expected += [3] * (4 if omega + kappa != 1.0 else 0)   # u(·|∅) for every guided row
+        assert model.labels[0].tolist() == [int(a) for a in expected], (omega, kappa)
 
 
 def test_no_guidance_calls_when_omega_1_kappa_0_and_errors():
