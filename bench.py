@@ -172,10 +172,352 @@ def bench_dispersive(args):
     return rows
 
 
+# ----------------------------------------------------------------------------- networks, training, sampling
+
+def dit_macs_per_image(model):
+    """Multiply-adds of one forward pass, counted analytically (DiT's "118.6 GFLOPs" for XL/2 at 256² is this
+    count, fvcore's convention: one multiply-add = one flop). Real FLOPs are twice this."""
+    T, D, depth = model.x_embedder.num_patches, model.hidden_size, model.depth
+    p, C = model.patch_size, model.in_channels
+    per_block = 12 * T * D * D + 2 * T * T * D + 6 * D * D  # qkv, proj, mlp (8TD²); QKᵀ and AV; adaLN
+    embed = T * D * p * p * C + 256 * D + D * D + 2 * D * D + T * D * p * p * model.out_channels
+    return depth * per_block + embed
+
+
+def peak_tflops(device, precision):
+    """Dense peak of the GPU for MFU (override with --peak-tflops); None when unknown."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    table = {"H100": (989.0, 494.5), "H200": (989.0, 494.5), "A100": (312.0, 156.0)}  # (bf16, tf32)
+    for key, (bf16, tf32) in table.items():
+        if key in name:
+            return bf16 if precision == "bf16" else tf32
+    return None
+
+
+def _inputs(model, B, device, gen, family="sit"):
+    x = torch.randn(B, model.in_channels, model.input_size, model.input_size, generator=gen).to(device)
+    y = torch.randint(0, model.num_classes, (B,), generator=gen).to(device)
+    return x, y
+
+
+def _autocast(device, precision):
+    from contextlib import nullcontext
+    return torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+
+
+def _sizes(args, kind):
+    """(model name, latent, image size, batch) per section and mode: tiny for --smoke, CPU-sized by default,
+    the paper's XL/2 on GPUs with --full."""
+    gpu = args.device.type == "cuda"
+    if args.smoke:
+        return {"network": [("DiT-T/4", False, 32, 2)],
+                "train": [("SiT-T/4", False, 32, 4), ("MeanFlow-T/4", False, 32, 4), ("DiT-T/4", False, 32, 4)],
+                "sample": [("SiT-T/4", False, 32, 2)]}[kind]
+    if kind == "network":
+        sizes = [("DiT-S/2", True, 256, 32 if gpu else 4), ("DiT-B/2", True, 256, 32 if gpu else 4)]
+        return sizes + ([("DiT-XL/2", True, 256, 32)] if gpu and args.full else [])
+    if kind == "train":
+        if gpu:
+            big = "XL/2" if args.full else "B/2"
+            return [(f"SiT-{big}", True, 256, 32), (f"MeanFlow-{big}", True, 256, 32), (f"DiT-{big}", True, 256, 32)]
+        return [("SiT-B/2", True, 256, 4), ("SiT-B/4", True, 256, 8), ("MeanFlow-B/4", True, 256, 8),
+                ("DiT-B/4", True, 256, 8)]
+    return [("SiT-XL/2", True, 256, 16)] if gpu and args.full else [("SiT-B/4" if not gpu else "SiT-B/2", True, 256,
+                                                                     2 if not gpu else 16)]
+
+
+def bench_network(args):
+    """Forward and forward+backward images/s of DiT at latent 32×32: fused SDPA (ours) against explicit math
+    attention (the baseline), float32 eager; bf16 autocast and torch.compile where they pay (GPU, or --full)."""
+    import train
+    device, rows = args.device, []
+    warmup, iters = (1, 1) if args.smoke else ((1, 3) if device.type == "cpu" else (5, 20))
+    gen = torch.Generator().manual_seed(0)
+    for name, latent, size, B in _sizes(args, "network"):
+        model, _ = train.build_model(name, size, 1000 if not args.smoke else 10, latent)
+        model = model.to(device)
+        x, y = _inputs(model, B, device, gen)
+        t = torch.randint(0, 1000, (B,), generator=gen).to(device)
+        macs = dit_macs_per_image(model)
+        variants = [("fp32", False)]
+        if device.type == "cuda" or args.full:
+            variants += [("bf16", False)]
+            if args.compile:
+                variants += [("bf16", True)]
+        for precision, compiled in variants:
+            net = torch.compile(model) if compiled else model
+            label = f"{precision}{' compile' if compiled else ''}"
+
+            def fwd():
+                with torch.no_grad(), _autocast(device, precision):
+                    net(x, t, y)
+
+            def fwd_bwd():
+                with _autocast(device, precision):
+                    out = net(x, t, y)
+                out.float().square().mean().backward()
+
+            for what, fn, factor in (("fwd", fwd, 1), ("fwd+bwd", fwd_bwd, 3)):
+                model.set_fused_attention(True)
+                ms = timeit(fn, warmup, iters, device)
+                base = None
+                if precision == "fp32" and not compiled:
+                    model.set_fused_attention(False)
+                    base = B / (timeit(fn, warmup, iters, device) / 1e3)
+                    model.set_fused_attention(True)
+                ips = B / (ms / 1e3)
+                rows.append(row(f"network/{name}", f"{what} {label} B={B} img/s (baseline: math attention)",
+                                ips, "img/s", base))
+                peak = peak_tflops(device, precision)
+                if peak:
+                    tflops = 2 * factor * macs * ips / 1e12
+                    rows.append(row(f"network/{name}", f"{what} {label} achieved TFLOP/s (MFU of {peak:g})",
+                                    tflops, "TFLOP/s", peak))
+        model.zero_grad(set_to_none=True)
+    return rows
+
+
+class _NaiveDispersive:
+    """DispersiveConfig stand-in whose loss is the torch.pdist formulation (the baseline)."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.weight, self.tau, self.enabled = cfg.weight, cfg.tau, cfg.enabled
+
+    def resolve_block(self, depth):
+        return self.cfg.resolve_block(depth)
+
+    def loss(self, z):
+        return naive_dispersive(z.float(), self.cfg.variant, self.cfg.tau)
+
+
+def bench_train(args):
+    """One optimizer step (AdamW + EMA) per family: images/s with and without the dispersive term, the overhead,
+    MeanFlow's step against SiT's, and the baseline (float32 eager, math attention, torch.pdist loss)."""
+    import train
+    from dispersive import DispersiveConfig
+    device, rows = args.device, []
+    warmup, iters = (1, 1) if args.smoke else ((1, 3) if device.type == "cpu" else (5, 20))
+    precision = "bf16" if device.type == "cuda" else "fp32"
+    step_ms = {}
+    for name, latent, size, B in _sizes(args, "train"):
+        torch.manual_seed(0)
+        model, family = train.build_model(name, size, 1000 if not args.smoke else 10, latent)
+        model = model.to(device)
+        # make every layer active, as after some training (adaLN-Zero starts as the identity)
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad and p.abs().sum() == 0:
+                    p.normal_(0, 0.02)
+        objective = train.build_objective(name, family)
+        ema = [p.detach().clone() for p in model.parameters()]
+        params = list(model.parameters())
+        opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.999), weight_decay=0,
+                                fused=device.type == "cuda")
+        gen = torch.Generator().manual_seed(0)
+        x, y = _inputs(model, B, device, gen)
+        disp = DispersiveConfig.preset("paper", model.depth)
+        none = DispersiveConfig(variant="none")
+
+        def run(reg, prec, fused):
+            loss = train.TrainLoss(model, objective, reg, model.depth)
+            model.set_fused_attention(fused)
+
+            def step():
+                train.train_step(loss, opt, lambda: (x, y), autocast=lambda: _autocast(device, prec),
+                                 ema=(ema, params))
+            ms = timeit(step, warmup, iters, device)
+            model.set_fused_attention(True)
+            return ms
+
+        ours_none = run(none, precision, True)
+        ours_disp = run(disp, precision, True)
+        base_none = run(none, "fp32", False)
+        base_disp = run(_NaiveDispersive(disp), "fp32", False)
+        step_ms[(family, name.split("-", 1)[1])] = ours_none
+        what = f"{precision} B={B}"
+        rows.append(row(f"train/{name}", f"step img/s, no disp ({what})", B / ours_none * 1e3, "img/s",
+                        B / base_none * 1e3))
+        rows.append(row(f"train/{name}", f"step img/s, with disp block {disp.resolve_block(model.depth)} ({what})",
+                        B / ours_disp * 1e3, "img/s", B / base_disp * 1e3))
+        rows.append(row(f"train/{name}", "dispersive overhead (baseline: pdist loss)",
+                        100 * (ours_disp / ours_none - 1), "%", 100 * (base_disp / base_none - 1)))
+        peak = peak_tflops(device, precision)
+        if peak and family != "meanflow":
+            rows.append(row(f"train/{name}", "MFU with disp (3 × fwd FLOPs)",
+                            100 * 3 * 2 * dit_macs_per_image(model) * B / (ours_disp / 1e3) / (peak * 1e12), "%"))
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+            run(disp, precision, True)
+            rows.append(row(f"train/{name}", f"peak memory ({what})",
+                            torch.cuda.max_memory_allocated(device) / 2 ** 30, "GiB"))
+        del model, opt, ema, params
+    for (family, size), ms in step_ms.items():
+        if family == "meanflow" and ("sit", size) in step_ms:
+            rows.append(row(f"train/MeanFlow-{size}", f"step time vs SiT-{size} (same batch)", ms, "ms",
+                            step_ms[("sit", size)]))
+    return rows
+
+
+def bench_sample(args):
+    """Sampling images/s and network calls per image for each sampler. The baseline runs the same sampler with
+    math attention in float32, and for the SDE the official two network calls per step."""
+    import dit as dit_module
+    import meanflow as meanflow_module
+    import sit as sit_module
+    import train
+    device, rows = args.device, []
+    paper = args.full or device.type == "cuda"
+    for name, latent, size, B in _sizes(args, "sample"):
+        size_name = name.split("-", 1)[1]
+        nets = {}
+        for family in ("sit", "dit", "meanflow"):
+            fam_name = {"sit": "SiT", "dit": "DiT", "meanflow": "MeanFlow"}[family] + "-" + size_name
+            if fam_name not in train.MODELS:
+                fam_name = {"sit": "SiT", "dit": "DiT", "meanflow": "MeanFlow"}[family] + "-B/4"
+            torch.manual_seed(0)
+            net, _ = train.build_model(fam_name, size, 1000 if not args.smoke else 10, latent)
+            with torch.no_grad():
+                for p in net.parameters():
+                    if p.requires_grad and p.abs().sum() == 0:
+                        p.normal_(0, 0.02)
+            nets[family] = (fam_name, net.to(device).eval())
+        if args.smoke:
+            steps = dict(sde=3, ode_heun=2, ode_euler=3, ddpm=3, ddim=3)
+        elif paper:
+            steps = dict(sde=250, ode_heun=125, ode_euler=250, ddpm=250, ddim=50)
+        else:  # a 2-core CPU: a tenth of the paper's steps; NFE per image is printed so rates convert
+            steps = dict(sde=25, ode_heun=12, ode_euler=25, ddpm=25, ddim=10)
+        gen = torch.Generator().manual_seed(0)
+        cases = [
+            ("sit", "sde", dict(sampler="sde", num_steps=steps["sde"])),
+            ("sit", "ode-heun", dict(sampler="ode-heun", num_steps=steps["ode_heun"])),
+            ("sit", "ode-euler", dict(sampler="ode-euler", num_steps=steps["ode_euler"])),
+            ("dit", "ddpm", dict(sampler="ddpm", num_steps=steps["ddpm"])),
+            ("dit", "ddim", dict(sampler="ddim", num_steps=steps["ddim"])),
+            ("meanflow", "1-NFE", dict(num_steps=1)),
+            ("meanflow", "2-NFE", dict(num_steps=2)),
+        ]
+        for family, label, kw in cases:
+            fam_name, net = nets[family]
+            fn = {"sit": sit_module.sample, "dit": dit_module.sample, "meanflow": meanflow_module.sample}[family]
+            z = torch.randn(B, net.in_channels, net.input_size, net.input_size, generator=gen).to(device)
+            y = torch.randint(0, net.num_classes, (B,), generator=gen).to(device)
+            calls = [0]
+
+            def counted(*a, _net=net, **k):
+                calls[0] += 1
+                return _net(*a, **k)
+
+            def go(model):
+                calls[0] = 0
+                with _autocast(device, "bf16" if device.type == "cuda" else "fp32"):
+                    fn(model, z, y, **kw)
+
+            ms = timeit(lambda: go(counted), 0, 1, device)
+            nfe = calls[0]
+            net.set_fused_attention(False)
+            if label == "sde":  # the official SDE evaluates the network twice per step (velocity, then score)
+                def twice(*a, **k):
+                    calls[0] += 1
+                    net(*a, **k)
+                    return net(*a, **k)
+                base_ms = timeit(lambda: go(twice), 0, 1, device)
+            else:
+                base_ms = timeit(lambda: go(counted), 0, 1, device)
+            net.set_fused_attention(True)
+            rows.append(row(f"sample/{fam_name}", f"{label} {kw.get('num_steps')} steps, B={B}: img/s", B / ms * 1e3,
+                            "img/s", B / base_ms * 1e3))
+            rows.append(row(f"sample/{fam_name}", f"{label}: network calls per image batch", nfe, "NFE"))
+    return rows
+
+
+def bench_fid(args):
+    """FID Inception feature extraction images/s (random weights: the speed is the same) and the Fréchet
+    distance of 2048-d statistics: eigenvalue form (ours) against scipy.linalg.sqrtm (baseline)."""
+    import numpy as np
+    import fid
+    device, rows = args.device, []
+    model = fid.FIDInception().to(device).eval()
+    B = 2 if args.smoke else (8 if device.type == "cpu" else 200)
+    n = B if args.smoke else (2 * B if device.type == "cpu" else 10 * B)
+    images = np.random.default_rng(0).integers(0, 256, size=(n, 256, 256, 3), dtype=np.uint8)
+    for mode in ("pytorch-fid", "tf"):
+        ms = timeit(lambda: fid.extract_features(images, model, mode=mode, batch_size=B, device=device), 0, 1,
+                    device)
+        rows.append(row("fid/inception", f"features img/s ({mode}, 256² input, batch {B})", n / ms * 1e3, "img/s"))
+    dim = 64 if args.smoke else 2048
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((dim * 2, dim)), rng.standard_normal((dim * 2, dim)) + 0.1
+    (mu1, s1), (mu2, s2) = fid.compute_statistics(a), fid.compute_statistics(b)
+    t0 = time.perf_counter()
+    fd = fid.frechet_distance(mu1, s1, mu2, s2)
+    ours = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    fd_ref = fid.frechet_distance_sqrtm(mu1, s1, mu2, s2)
+    base = time.perf_counter() - t0
+    rows.append(row("fid/frechet", f"FD of {dim}-d statistics (baseline: scipy sqrtm)", ours, "s", base))
+    rows.append(row("fid/frechet", "FD relative difference eig vs sqrtm", abs(fd - fd_ref) / abs(fd_ref), ""))
+    return rows
+
+
+def bench_data(args):
+    """Data loading images/s: a JPEG folder (decode + ADM crop + flip) and the latent cache (memmap reads),
+    through the trainer's DataLoader (2 workers)."""
+    import tempfile
+    import numpy as np
+    from PIL import Image
+    import data
+    rows = []
+    n, size = (16, 64) if args.smoke else (256, 256)
+    workers = 0 if args.smoke else 2
+    with tempfile.TemporaryDirectory() as root:
+        rng = np.random.default_rng(0)
+        for c in range(2):
+            os.makedirs(os.path.join(root, "img", f"class{c}"))
+            for i in range(n // 2):
+                arr = rng.integers(0, 256, size=(size + 32, size + 64, 3), dtype=np.uint8)
+                Image.fromarray(arr).save(os.path.join(root, "img", f"class{c}", f"{i}.jpg"), quality=90)
+
+        def rate(ds, batch):
+            loader, _ = data.make_loader(ds, batch, 0, 1, 0, workers)
+            t0 = time.perf_counter()
+            count = 0
+            for batch_data in loader:
+                count += len(batch_data[0])
+            return count / (time.perf_counter() - t0)
+
+        ds = data.ImageFolder(os.path.join(root, "img"), size)
+        rows.append(row("data/jpeg", f"ImageFolder img/s ({size}², {workers} workers)", rate(ds, 16), "img/s"))
+        try:
+            import diffusers
+            vae = diffusers.AutoencoderKL(block_out_channels=(8, 16), layers_per_block=1, latent_channels=4,
+                                          norm_num_groups=8, sample_size=size,
+                                          down_block_types=("DownEncoderBlock2D",) * 2,
+                                          up_block_types=("UpDecoderBlock2D",) * 2)
+            vae.save_pretrained(os.path.join(root, "vae"))
+            data.build_cache(os.path.join(root, "img"), os.path.join(root, "cache"), image_size=size,
+                             vae=os.path.join(root, "vae"), batch_size=16, num_workers=0, device="cpu",
+                             log=lambda *a, **k: None)
+            cache = data.LatentCache(os.path.join(root, "cache"))
+            rows.append(row("data/cache", f"LatentCache img/s (latents {tuple(cache.latent_shape)}, {workers} workers)",
+                            rate(cache, 16), "img/s"))
+        except ImportError:
+            rows.append(row("data/cache", "LatentCache img/s: skipped (pip install diffusers)", None, ""))
+    return rows
+
+
 # ----------------------------------------------------------------------------- main
 
 SECTIONS = {
     "dispersive": bench_dispersive,
+    "network": bench_network,
+    "train": bench_train,
+    "sample": bench_sample,
+    "fid": bench_fid,
+    "data": bench_data,
 }
 
 
@@ -186,6 +528,7 @@ def main(argv=None):
     parser.add_argument("--full", action="store_true", help="add the larger (slower) shapes to each section")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes and few iterations, for a quick check")
     parser.add_argument("--json", action="store_true", help="print one JSON object (env, rows) instead of a table")
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile in the network section")
     args = parser.parse_args(argv)
     args.device = pick_device(args.device)
 
