@@ -1,0 +1,431 @@
+"""Tests of train.py on the CPU: exact resume, DDP against a single-process reference, every family with the
+dispersive term, the contrastive baseline, where the regulariser's gradient goes, faults and bad flags, and
+training on an SD-VAE latent cache. Tiny models (SiT-T/4 at 16x16) and a few steps each."""
+
+import json
+import math
+import os
+import signal
+import socket
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+from PIL import Image
+from torch.utils.data import DistributedSampler
+
+import data
+import dit
+import train
+from dispersive import DispersiveConfig, dispersive_loss
+
+BASE = ["--model", "SiT-T/4", "--image-size", "16", "--shapes-samples", "24", "--global-batch-size", "8",
+        "--micro-batch-size", "4", "--log-every", "1", "--warmup-steps", "2", "--no-samples"]
+
+
+def run(tmp, name, *extra, base=BASE):
+    return train.main([*base, "--results-dir", str(tmp), "--run-name", name, *extra])
+
+
+def load(run_dir):
+    return torch.load(os.path.join(run_dir, "checkpoint.pt"), map_location="cpu", weights_only=True)
+
+
+def metrics(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def assert_identical(a, b, where="checkpoint"):
+    """Bit-exact equality of nested dicts/lists of tensors and numbers."""
+    if isinstance(a, dict):
+        assert set(a) == set(b), f"{where}: keys {sorted(a)} != {sorted(b)}"
+        for k in a:
+            assert_identical(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_identical(x, y, f"{where}[{i}]")
+    elif torch.is_tensor(a):
+        assert a.dtype == b.dtype and torch.equal(a, b), f"{where} differs"
+    else:
+        assert a == b, f"{where}: {a} != {b}"
+
+
+STATE_KEYS = ("model", "ema", "opt", "rng", "step", "epoch", "batch_in_epoch")
+
+
+def rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Exact resume, non-finite stop, SIGTERM
+# ---------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """24 samples, micro-batch 4, accumulation 2: 3 steps per epoch, so 4 steps cross an epoch boundary."""
+    tmp = tmp_path_factory.mktemp("runs")
+    a = run(tmp, "a", "--steps", "2")["run_dir"]
+    a2 = load(a)
+    b = run(tmp, "b", "--steps", "4")["run_dir"]
+    train.main(["--resume", a, "--steps", "4"])  # continues in folder a
+    return dict(tmp=tmp, a=a, a2=a2, b=b, b4=load(b), resumed=load(a))
+
+
+def test_resume_is_bit_exact(runs):
+    assert runs["a2"]["step"] == 2 and runs["a2"]["batch_in_epoch"] == 4 and runs["a2"]["epoch"] == 0
+    assert runs["b4"]["step"] == 4 and runs["b4"]["epoch"] == 1 and runs["b4"]["batch_in_epoch"] == 2
+    for key in STATE_KEYS:
+        assert_identical(runs["resumed"][key], runs["b4"][key], key)
+    key = "blocks.0.attn.qkv.weight"
+    assert not torch.equal(runs["a2"]["model"][key], runs["b4"]["model"][key])  # steps 3 and 4 did change it
+    # metrics of the resumed folder: each step once, the resumed steps' numbers as the uninterrupted run's
+    ra, rb = metrics(runs["a"]), metrics(runs["b"])
+    assert [r["step"] for r in ra] == [1, 2, 3, 4]
+    for x, y in zip(ra, rb):
+        assert x["loss"] == y["loss"] and x["gnorm"] == y["gnorm"] and x["lr"] == y["lr"]
+    assert [r["lr"] for r in rb] == pytest.approx([5e-4, 1e-3, 1e-3, 1e-3])  # warmup 2 steps of lr 1e-3
+
+
+def test_checkpoint_format(runs):
+    ck = runs["b4"]  # loaded with weights_only=True
+    cfg = ck["config"]
+    assert cfg["model"] == "SiT-T/4" and cfg["image_size"] == 16 and cfg["num_classes"] == 10
+    assert cfg["latent"] is False and cfg["class_dropout_prob"] == 0.1 and cfg["family"] == "sit"
+    assert not any(k.startswith(("module.", "_orig_mod.")) for k in ck["model"])
+    assert ck["rng"]["world_size"] == 1 and len(ck["rng"]["states"]) == 1
+    model, family = train.build_model(cfg["model"], cfg["image_size"], cfg["num_classes"], cfg["latent"])
+    dit.load_checkpoint(model, ck)  # strict: the EMA weights fit the model that build_model makes
+    assert family == "sit"
+    with open(os.path.join(runs["b"], "config.json")) as f:
+        assert json.load(f)["steps"] == 4
+
+
+def _inject(monkeypatch, at_call, action):
+    """Run action(total) on the total loss of the at_call-th TrainLoss forward (1-based)."""
+    orig, calls = train.TrainLoss.forward, []
+
+    def forward(self, x, y):
+        total, terms = orig(self, x, y)
+        calls.append(1)
+        if len(calls) == at_call:
+            total = action(total)
+        return total, terms
+    monkeypatch.setattr(train.TrainLoss, "forward", forward)
+
+
+def test_nonfinite_loss_stops_and_keeps_last_good_state(runs, monkeypatch):
+    _inject(monkeypatch, 5, lambda total: total * float("nan"))  # step 3, first micro-batch
+    with pytest.raises(SystemExit, match="step 3"):
+        run(runs["tmp"], "nan", "--steps", "4")
+    ck = load(os.path.join(runs["tmp"], "nan"))
+    for key in STATE_KEYS:  # the state after step 2, RNG and data position included: resumable as is
+        assert_identical(ck[key], runs["a2"][key], key)
+
+
+def test_sigterm_saves_after_the_current_step(runs, monkeypatch):
+    def send(total):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return total
+    _inject(monkeypatch, 3, send)  # during step 2
+    before = signal.getsignal(signal.SIGTERM)
+    out = run(runs["tmp"], "term", "--steps", "4")
+    assert out["stopped"] == "SIGTERM" and out["step"] == 2
+    ck = load(out["run_dir"])
+    for key in STATE_KEYS:
+        assert_identical(ck[key], runs["a2"][key], key)
+    assert signal.getsignal(signal.SIGTERM) is before  # the previous handler is back
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Families, sample grids, the contrastive option
+# ---------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name,terms", [("DiT-T/4", ["mse", "vb"]), ("SiT-T/4", []), ("MeanFlow-T/4", ["mse_uv"])])
+def test_each_family_trains_with_the_dispersive_term(tmp_path, name, terms):
+    base = [a for a in BASE if a != "--no-samples"]
+    out = run(tmp_path, "r", "--model", name, "--steps", "2", "--sample-per-class", "1", "--sample-steps", "2",
+              "--num-classes", "3", base=base)
+    rows = metrics(out["run_dir"])
+    assert [r["step"] for r in rows] == [1, 2]
+    for r in rows:
+        for k in ["loss", "diff", "disp", "gnorm", *terms]:
+            assert math.isfinite(r[k]), (k, r)
+        assert r["loss"] == pytest.approx(r["diff"] + 0.5 * r["disp"], abs=1e-5)  # λ = 0.5 (paper preset)
+        assert -math.log(4) - 1e-5 <= r["disp"] <= 0  # InfoNCE-L2 on 4 samples lies in [−log B, 0]
+        if name.startswith("DiT"):
+            assert r["diff"] == pytest.approx(r["mse"] + r["vb"], abs=1e-5)
+    assert all(not p.requires_grad and p.grad_fn is None for p in out["ema"].parameters())  # outside autograd
+    ck = load(out["run_dir"])
+    assert ck["config"]["family"] == train.MODEL_FAMILIES[name] and ck["config"]["disp_block"] == 1
+    model, _ = train.build_model(name, 16, 3, False)
+    dit.load_checkpoint(model, ck)
+    for tag in ("000000", "final"):  # 3 class rows of 1 sample, 16px + 2px padding
+        img = Image.open(os.path.join(out["run_dir"], f"samples_{tag}.png"))
+        assert img.size == (2 + 18, 2 + 3 * 18) and img.mode == "RGB"
+
+
+def test_contrastive_matches_two_view_reference():
+    torch.manual_seed(0)
+    model, _ = train.build_model("SiT-T/4", 16, 10, False)
+    model.double()
+    objective = train.build_objective("SiT-T/4", "sit")
+    disp = DispersiveConfig.preset("paper", 6)
+    x, y = torch.randn(4, 3, 16, 16, dtype=torch.float64), torch.tensor([0, 1, 2, 3])
+    torch.manual_seed(1)
+    total, terms = train.TrainLoss(model, objective, disp, 6, contrastive=True)(x, y)
+    torch.manual_seed(1)  # the same draws: view 1, then view 2
+    v1 = objective.training_losses(model, x, y, return_features=1)
+    v2 = objective.training_losses(model, x, y, return_features=1)
+    z1, z2 = v1["feats"].flatten(1), v2["feats"].flatten(1)
+    d = z1.shape[1]
+    logits = -((z1[:, None] - z2[None]) ** 2).sum(-1) / (d * disp.tau)  # (B, B), positives on the diagonal
+    ref = (-(logits.diagonal() - logits.logsumexp(1))).mean()
+    assert terms["contrastive"].item() == pytest.approx(ref.item(), rel=1e-10)
+    assert terms["diff"].item() == pytest.approx(v1["loss"].mean().item(), rel=1e-12)  # denoising on view 1 only
+    assert v1["loss"].mean().item() != pytest.approx(v2["loss"].mean().item(), rel=1e-3)
+    assert total.item() == pytest.approx((v1["loss"].mean() + 0.5 * ref).item(), rel=1e-10)
+
+
+def test_contrastive_option_trains(tmp_path):
+    rows = metrics(run(tmp_path, "c", "--disp", "contrastive", "--steps", "1")["run_dir"])
+    r = rows[0]
+    assert "disp" not in r and math.isfinite(r["contrastive"]) and r["contrastive"] >= 0
+    assert r["loss"] == pytest.approx(r["diff"] + 0.5 * r["contrastive"], abs=1e-5)
+
+
+def test_dispersive_gradient_reaches_exactly_the_blocks_up_to_the_chosen_one():
+    torch.manual_seed(0)
+    model, _ = train.build_model("SiT-T/4", 16, 10, False)
+    with torch.no_grad():  # leave the adaLN-zero start, where every block is the identity
+        for p in model.parameters():
+            if p.requires_grad and not p.any():
+                p.normal_(0, 0.02)
+    model.double()
+    objective = train.build_objective("SiT-T/4", "sit")
+    names, params = zip(*[(n, p) for n, p in model.named_parameters() if p.requires_grad])
+    x, y = torch.randn(6, 3, 16, 16, dtype=torch.float64), torch.arange(6)
+    k = 3
+
+    def grads(weight):
+        torch.manual_seed(1)
+        loss_fn = train.TrainLoss(model, objective, DispersiveConfig(weight=weight, tau=0.5, block=k), 6)
+        return torch.autograd.grad(loss_fn(x, y)[0], params)
+
+    with_disp, without = grads(0.5), grads(0.0)
+    torch.manual_seed(1)
+    feats = objective.training_losses(model, x, y, return_features=k)["feats"]
+    g_disp = torch.autograd.grad(dispersive_loss(feats, tau=0.5), params, allow_unused=True)
+    for n, a, b, g in zip(names, with_disp, without, g_disp):
+        later = n.startswith("final_layer") or (n.startswith("blocks.") and int(n.split(".")[1]) >= k)
+        assert (g is None) == later, n  # L_disp depends on blocks 1..k and the embedders, nothing after
+        expected = torch.zeros_like(a) if g is None else 0.5 * g
+        assert torch.allclose(a - b, expected, rtol=1e-7, atol=1e-12), n
+    moved = [n for n, g in zip(names, g_disp) if g is not None and g.abs().max() > 1e-8]
+    assert any(n.startswith(f"blocks.{k - 1}.") for n in moved) and any(n.startswith("blocks.0.") for n in moved)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# DDP: 2 CPU processes (gloo) against the same step computed in one process without DDP
+# ---------------------------------------------------------------------------------------------------------
+
+DDP_ARGV = ["--image-size", "16", "--shapes-samples", "32", "--global-batch-size", "8", "--micro-batch-size", "2",
+            "--steps", "1", "--lr", "1e-3", "--warmup-steps", "0", "--log-every", "1", "--no-samples",
+            "--global-seed", "3"]
+
+
+def _ddp_worker(rank, world, port, argv, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    out = train.main(argv)
+    torch.save({"model": out["model"].state_dict(), "ema": out["ema"].state_dict()},
+               os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("name", ["SiT-T/4", "MeanFlow-T/4"])  # MeanFlow: its JVP runs inside DDP's forward
+def test_ddp_two_processes_match_single_process_reference(tmp_path, name):
+    argv = ["--model", name, *DDP_ARGV, "--results-dir", str(tmp_path), "--run-name", "ddp"]
+    mp.spawn(_ddp_worker, args=(2, _free_port(), argv, str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
+    assert_identical(r0, r1, "rank0 vs rank1")
+
+    # reference: each rank's loss on its own micro-batches (dispersive term per micro-batch), with the seeds the
+    # trainer uses (model: global seed; draws: global_seed·world + rank), gradients averaged, one AdamW step
+    seed, world, micro, accum = 3, 2, 2, 2
+    torch.manual_seed(seed)
+    model, family = train.build_model(name, 16, 10, False)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    objective = train.build_objective(name, family)
+    ds = data.ShapesDataset(10, 16, 32, seed=seed)
+    params = [p for p in model.parameters() if p.requires_grad]  # not the frozen pos_embed
+    grad_sum = [torch.zeros_like(p) for p in params]
+    losses = []
+    for rank in range(world):
+        torch.manual_seed(seed * world + rank)
+        sampler = DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=True, seed=seed)
+        sampler.set_epoch(0)
+        idx = list(sampler)
+        for m in range(accum):
+            x, y = (torch.stack(t) for t in zip(*[ds[i] for i in idx[m * micro:(m + 1) * micro]]))
+            out = objective.training_losses(model, x, y, return_features=1)
+            loss = out["loss"].mean() + 0.5 * dispersive_loss(out["feats"], "infonce_l2", tau=0.5)
+            losses.append(loss.item())
+            for g, gp in zip(grad_sum, torch.autograd.grad(loss / accum, params)):
+                g += gp
+    for p, g in zip(params, grad_sum):
+        p.grad = g / world
+    gnorm = torch.cat([p.grad.flatten() for p in params]).norm().item()
+    beta2 = 0.95 if family == "meanflow" else 0.999
+    torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, beta2), weight_decay=0.0).step()
+
+    delta = torch.cat([(r0["model"][k] - start[k]).flatten() for k in start])
+    ref_delta = torch.cat([(p.detach() - start[k]).flatten() for k, p in model.named_parameters()])
+    assert ref_delta.norm() > 0 and rel(delta, ref_delta) < 1e-5
+    ema_ref = torch.cat([(0.99 * start[k] + 0.01 * p.detach()).flatten() for k, p in model.named_parameters()])
+    assert rel(torch.cat([r0["ema"][k].flatten() for k in start]), ema_ref) < 1e-6  # demo EMA decay 0.99
+    row = metrics(tmp_path / "ddp")[0]
+    assert row["gnorm"] == pytest.approx(gnorm, rel=1e-5)  # the synchronised gradient: mean, not sum
+    assert row["loss"] == pytest.approx(np.mean(losses), rel=1e-5)  # all-reduced over ranks
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Helpers and bad flags
+# ---------------------------------------------------------------------------------------------------------
+
+def test_make_grid_png(tmp_path):
+    x = torch.linspace(-1.2, 1.2, 5 * 3 * 2 * 3).reshape(5, 3, 2, 3)
+    path = train.make_grid_png(x, 2, str(tmp_path / "g.png"), pad=1)
+    got = np.asarray(Image.open(path))
+    assert got.shape == (1 + 3 * 3, 1 + 2 * 4, 3)
+    want = np.zeros_like(got)
+    pix = np.clip(127.5 * x.numpy() + np.float32(128), 0, 255).astype(np.uint8)  # float32, truncated
+    for i in range(5):
+        r, c = divmod(i, 2)
+        want[1 + 3 * r:1 + 3 * r + 2, 1 + 4 * c:1 + 4 * c + 3] = pix[i].transpose(1, 2, 0)
+    np.testing.assert_array_equal(got, want)
+
+
+def test_build_model_shapes_and_registry():
+    for name in train.TINY_MODELS:
+        model, family = train.build_model(name, 32, 10, latent=False)
+        assert family == name.split("-")[0].lower() and model.in_channels == 3 and model.input_size == 32
+    model, family = train.build_model("DiT-S/2", 256, 1000, latent=True)
+    assert (model.in_channels, model.input_size, model.depth, family) == (4, 32, 12, "dit")
+    assert {"DiT-XL/2", "SiT-XL/2", "MeanFlow-XL/2", "SiT-T/4"} <= set(train.MODEL_FAMILIES)
+    with pytest.raises(ValueError, match="SiT-XL/2"):
+        train.build_model("SiT-XL/3", 256, 1000, latent=True)
+    with pytest.raises(ValueError, match="patch size 4"):
+        train.build_model("SiT-T/4", 30, 10, latent=False)
+
+
+def test_defaults_follow_the_paper_and_presets():
+    args, _, disp = train.parse_args(["--model", "SiT-XL/2", "--image-size", "256", "--latent-cache", "c"])
+    assert (args.lr, args.global_batch_size, args.ema_decay, args.beta2, args.steps, args.warmup_steps) == \
+        (1e-4, 256, 0.9999, 0.999, 400_000, 0)
+    assert (disp.variant, disp.weight, disp.tau, disp.block) == ("infonce_l2", 0.5, 0.5, 7)  # block 28 // 4
+    assert args.latent and args.cfg_scale == 1.0
+    args, _, disp = train.parse_args(["--model", "SiT-B/2", "--image-size", "256", "--latent-cache", "c",
+                                      "--disp-preset", "official", "--disp-tau", "0.7"])
+    assert (disp.weight, disp.tau, disp.block) == (0.25, 0.7, 12)  # official: last block; explicit τ wins
+    args, _, disp = train.parse_args(["--model", "MeanFlow-XL/2", "--image-size", "256", "--latent-cache", "c",
+                                      "--disp", "hinge"])
+    assert (args.beta2, args.steps, disp.variant, disp.margin) == (0.95, 1_200_000, "hinge", 1.0)
+    obj = train.build_objective("MeanFlow-XL/2", "meanflow")
+    assert (obj.omega, obj.kappa, obj.t_interval) == (0.2, 0.92, (0.0, 0.75))  # SPEC §5, XL/2
+    args, _, disp = train.parse_args(["--model", "DiT-S/2", "--image-size", "256", "--latent-cache", "c",
+                                      "--disp", "none"])
+    assert not disp.enabled and args.disp_weight == 0.0
+
+
+def _error(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        train.main(argv)
+    return f"{e.value.code} {capsys.readouterr().err}"
+
+
+def test_bad_flags_stop_with_one_sentence(runs, tmp_path, capsys):
+    tmp = ["--results-dir", str(tmp_path)]
+    msg = _error([*tmp, "--model", "SiT-XL/3"], capsys)
+    assert "did you mean" in msg and "SiT-XL/2" in msg
+    assert "not divisible by the patch size 4" in _error([*tmp, "--image-size", "30"], capsys)
+    assert "--disp-block 7 is out of range: SiT-T/4 has blocks 1..6" in _error([*tmp, "--disp-block", "7"], capsys)
+    assert "multiple" in _error([*BASE, *tmp, "--global-batch-size", "6"], capsys)
+    msg = _error(["--resume", runs["a"], "--model", "DiT-T/4"], capsys)
+    assert "SiT-T/4" in msg and "DiT-T/4" in msg
+    assert "no checkpoint" in _error(["--resume", str(tmp_path / "missing")], capsys)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# SD-VAE latent cache (tiny random AutoencoderKL with 4 blocks: 8x downsampling like the SD-VAE)
+# ---------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def latent_cache(tmp_path_factory):
+    pytest.importorskip("diffusers")
+    from diffusers import AutoencoderKL
+
+    root = tmp_path_factory.mktemp("latent")
+    torch.manual_seed(0)
+    AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+                  up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
+                  latent_channels=4, norm_num_groups=8, sample_size=32).save_pretrained(root / "vae")
+    rng = np.random.RandomState(0)
+    for k in range(8):
+        os.makedirs(root / "imgs" / f"c{k % 2}", exist_ok=True)
+        img = Image.fromarray(rng.randint(0, 256, (32, 32, 3)).astype(np.uint8))
+        img.save(root / "imgs" / f"c{k % 2}" / f"{k}.png")
+    data.build_cache(str(root / "imgs"), str(root / "cache"), image_size=32, vae=str(root / "vae"), batch_size=4,
+                     num_workers=0, dtype="float32", chunk_size=8, device="cpu", log=lambda *a: None)
+    return root
+
+
+def test_latent_batches_draw_a_fresh_posterior_sample(latent_cache):
+    ds = data.LatentCache(str(latent_cache / "cache"), flip=False)
+    loader, sampler = data.make_loader(ds, 4, 0, 1, seed=0, num_workers=0)
+    batches = train.EpochBatches(loader, sampler, torch.device("cpu"))
+    torch.manual_seed(5)
+    x, y = batches()
+    torch.manual_seed(5)
+    eps = torch.randn(4, 4, 4, 4)
+    ref = DistributedSampler(ds, num_replicas=1, rank=0, shuffle=True, seed=0)
+    ref.set_epoch(0)
+    mean, std, labels = (torch.stack(t) for t in zip(*[ds[i] for i in list(ref)[:4]]))
+    assert torch.allclose(x, mean + std * eps, atol=1e-6) and torch.equal(y, labels)
+
+
+def test_train_on_latent_cache(latent_cache, tmp_path, capsys):
+    cache = str(latent_cache / "cache")
+    out = train.main(["--model", "SiT-T/2", "--image-size", "32", "--latent-cache", cache, "--global-batch-size", "4",
+                      "--steps", "2", "--sample-per-class", "1", "--sample-steps", "1", "--log-every", "1",
+                      "--results-dir", str(tmp_path), "--run-name", "lat"])
+    rows = metrics(out["run_dir"])
+    assert len(rows) == 2 and all(math.isfinite(r["disp"]) and math.isfinite(r["diff"]) for r in rows)
+    cfg = load(out["run_dir"])["config"]
+    assert cfg["latent"] is True and cfg["vae"] == str(latent_cache / "vae") and cfg["num_classes"] == 2
+    img = Image.open(os.path.join(out["run_dir"], "samples_final.png"))  # decoded by the VAE: 2 classes x 32px
+    assert img.size == (2 + 34, 2 + 2 * 34)
+    msg = _error(["--model", "SiT-T/2", "--image-size", "64", "--latent-cache", cache, "--results-dir",
+                  str(tmp_path)], capsys)
+    assert "image_size" in msg and "64" in msg
+
+
+def test_train_on_image_folder(latent_cache, tmp_path, capsys):
+    imgs = str(latent_cache / "imgs")  # 8 random 32x32 images in 2 class folders
+    out = run(tmp_path, "folder", "--data-path", imgs, "--image-size", "32", "--global-batch-size", "4",
+              "--micro-batch-size", "2", "--steps", "2")
+    rows = metrics(out["run_dir"])
+    assert [r["step"] for r in rows] == [1, 2] and all(math.isfinite(r["loss"]) for r in rows)
+    assert load(out["run_dir"])["config"]["num_classes"] == 2
+    msg = _error([*BASE, "--data-path", imgs, "--image-size", "32", "--num-classes", "5", "--results-dir",
+                  str(tmp_path)], capsys)
+    assert "--num-classes 5" in msg and "2 classes" in msg
