@@ -538,7 +538,11 @@ def main(argv=None):
     rows = []
     for name, fn in SECTIONS.items():
         if args.only in (None, name):
-            rows += fn(args)
+            t0 = time.perf_counter()
+            section = fn(args)
+            rows += section
+            if not args.json:  # progress: each section's rows as soon as they exist
+                print(f"[{name}: {time.perf_counter() - t0:.0f} s]", flush=True)
     if args.json:
         print(json.dumps(dict(env=env, rows=rows), indent=1))
     else:

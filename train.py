@@ -387,6 +387,8 @@ def make_parser():
                    help="VAE for decoding sample grids in latent space (default: the one the cache was built with)")
     g.add_argument("--shapes-samples", type=int, default=10_000, help="size of the built-in shapes dataset")
     g.add_argument("--no-flip", action="store_true", help="no random horizontal flips (ImageFolder, latent cache)")
+    g.add_argument("--max-bad", type=int, default=100,
+                   help="unreadable images skipped (with a warning each) per data process before the run stops")
     g.add_argument("--class-dropout-prob", type=float, default=0.1, help="label dropout for classifier-free guidance")
     g.add_argument("--path", default="linear", choices=["linear", "gvp"], help="SiT interpolant path")
 
@@ -588,7 +590,7 @@ def build_data(args, rank, world, log):
         return ds, ds.num_classes, ds.config["vae"]
     if args.data_path:
         try:
-            ds = data.ImageFolder(args.data_path, args.image_size, flip=not args.no_flip)
+            ds = data.ImageFolder(args.data_path, args.image_size, flip=not args.no_flip, max_bad=args.max_bad)
         except ValueError as e:
             raise SystemExit(f"error: {e}")
         return ds, ds.num_classes, None
