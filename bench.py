@@ -316,8 +316,7 @@ def bench_train(args):
         objective = train.build_objective(name, family)
         ema = [p.detach().clone() for p in model.parameters()]
         params = list(model.parameters())
-        opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.999), weight_decay=0,
-                                fused=device.type == "cuda")
+        opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.999), weight_decay=0, fused=True)
         gen = torch.Generator().manual_seed(0)
         x, y = _inputs(model, B, device, gen)
         disp = DispersiveConfig.preset("paper", model.depth)

@@ -117,13 +117,27 @@ def _inject(monkeypatch, at_call, action):
     monkeypatch.setattr(train.TrainLoss, "forward", forward)
 
 
-def test_nonfinite_loss_stops_and_keeps_last_good_state(runs, monkeypatch):
+def test_nonfinite_step_is_skipped_on_the_device_and_stops(runs, monkeypatch):
     _inject(monkeypatch, 5, lambda total: total * float("nan"))  # step 3, first micro-batch
-    with pytest.raises(SystemExit, match="step 3"):
-        run(runs["tmp"], "nan", "--steps", "4")
+    with pytest.raises(SystemExit, match="at step 3; its update was skipped and the run stopped at step 3"):
+        run(runs["tmp"], "nan", "--steps", "3")
     ck = load(os.path.join(runs["tmp"], "nan"))
-    for key in STATE_KEYS:  # the state after step 2, RNG and data position included: resumable as is
+    assert ck["step"] == 3
+    for key in ("model", "ema", "opt"):  # weights, AdamW moments and step count, EMA: all as after step 2
         assert_identical(ck[key], runs["a2"][key], key)
+
+
+def test_flags_are_read_one_step_late_between_log_lines(runs, monkeypatch):
+    # the host reads step 2's flags after queueing step 3: the run stops there, step 3's update applied
+    _inject(monkeypatch, 3, lambda total: total * float("inf"))  # step 2, first micro-batch
+    with pytest.raises(SystemExit, match="at step 2; its update was skipped and the run stopped at step 3"):
+        run(runs["tmp"], "inf", "--steps", "4", "--log-every", "10")
+    ck = load(os.path.join(runs["tmp"], "inf"))
+    assert ck["step"] == 3
+    steps = {float(v["step"]) for v in ck["opt"]["state"].values()}
+    assert steps == {2.0}  # steps 1 and 3 were applied, 2 was not
+    assert all(torch.isfinite(v).all() for v in ck["model"].values())
+    assert not torch.equal(ck["model"]["blocks.0.attn.qkv.weight"], runs["a2"]["model"]["blocks.0.attn.qkv.weight"])
 
 
 def test_sigterm_saves_after_the_current_step(runs, monkeypatch):
@@ -138,6 +152,27 @@ def test_sigterm_saves_after_the_current_step(runs, monkeypatch):
     for key in STATE_KEYS:
         assert_identical(ck[key], runs["a2"][key], key)
     assert signal.getsignal(signal.SIGTERM) is before  # the previous handler is back
+
+
+def test_sigterm_between_log_lines_stops_one_step_later_and_resumes_exactly(runs, monkeypatch):
+    def send(total):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return total
+    _inject(monkeypatch, 3, send)  # during step 2; read on the host after step 3 is queued
+    out = run(runs["tmp"], "term-late", "--steps", "4", "--log-every", "10")
+    assert out["stopped"] == "SIGTERM" and out["step"] == 3
+    monkeypatch.undo()
+    train.main(["--resume", out["run_dir"], "--steps", "4"])
+    ck = load(out["run_dir"])
+    for key in STATE_KEYS:
+        assert_identical(ck[key], runs["b4"][key], key)
+
+
+def test_train_step_needs_a_fused_optimizer():
+    model = torch.nn.Linear(2, 2)
+    loss = lambda x, y: (model(x).square().mean(), {})  # noqa: E731
+    with pytest.raises(ValueError, match="fused=True"):
+        train.train_step(loss, torch.optim.AdamW(model.parameters(), fused=False), lambda: (torch.ones(1, 2), None))
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -170,22 +170,28 @@ class TrainLoss(nn.Module):
 
 def train_step(loss_module, optimizer, next_batch, accum_steps=1, autocast=contextlib.nullcontext, grad_clip=None,
                ema=None, ema_decay=0.9999, should_stop=None):
-    """One optimizer step over `accum_steps` micro-batches from `next_batch()` -> (x, y) on the device.
+    """One optimizer step over `accum_steps` micro-batches from `next_batch()` -> (x, y) on the device, with no
+    host synchronisation.
 
     Gradients are synchronised once (DDP's no_sync on all but the last micro-batch); the loss of each micro-batch
-    is divided by accum_steps so the step sees the mean over the global batch. Returns (stats, ok, stop):
-    stats {"loss", terms..., "gnorm"} as 0-dim tensors (averaged over the micro-batches, local to this rank, not
-    synchronised to the host); ok False when the loss or the gradient is not finite on any rank, in which case
-    nothing was updated; stop True when `should_stop()` (asked after the backward pass) is true on any rank. Both
-    flags travel in one all-reduce, so all ranks agree (one host sync per step: a bad update must never reach the
-    weights).
+    is divided by accum_steps so the step sees the mean over the global batch. Returns (stats, flags): stats
+    {"loss", terms..., "gnorm"} as 0-dim tensors (averaged over the micro-batches, local to this rank); flags a
+    device tensor [non_finite, stop] (0 or 1, the same on all ranks: one tiny all-reduce). non_finite: the loss
+    or the gradient was not finite on some rank, and the step changed nothing (weights, AdamW moments and step
+    count, EMA). stop: `should_stop()` (asked after the backward pass) was true on some rank. Read the flags on
+    the host when convenient (`LaggedFlags`), not right away, so the device never waits for the host.
+    optimizer: an AdamW (or Adam) with fused=True: it skips a flagged step on the device (the found_inf protocol
+    of torch.amp.GradScaler).
     ema: (ema_params, model_params) lists updated as ema ← decay·ema + (1 − decay)·param after the step.
 
         model, family = build_model("SiT-B/2", 256, 1000, latent=True)
         loss_fn = TrainLoss(model, build_objective("SiT-B/2", family), DispersiveConfig.preset("paper", model.depth))
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        stats, ok, stop = train_step(loss_fn, opt, lambda: (x, y))      # x: (N, 4, 32, 32) latents, y: (N,) labels
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+        stats, flags = train_step(loss_fn, opt, lambda: (x, y))     # x: (N, 4, 32, 32) latents, y: (N,) labels
     """
+    if not (optimizer.defaults.get("fused") and getattr(optimizer, "_step_supports_amp_scaling", False)):
+        raise ValueError("train_step skips non-finite steps on the device and needs a fused optimizer: use "
+                         "torch.optim.AdamW(..., fused=True)")
     is_ddp = isinstance(loss_module, DDP)
     stats = {}
     for i in range(accum_steps):
@@ -201,20 +207,49 @@ def train_step(loss_module, optimizer, next_batch, accum_steps=1, autocast=conte
     # max_norm=inf: only measures the norm (clipping by a factor 1 is exact)
     gnorm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip else float("inf"))
     stats["gnorm"] = gnorm
+    stop = 1.0 if should_stop is not None and should_stop() else 0.0
     flags = torch.stack([(~torch.isfinite(stats["loss"]) | ~torch.isfinite(gnorm)).float(),
-                         torch.tensor(float(bool(should_stop and should_stop())), device=gnorm.device)])
+                         torch.full((), stop, device=gnorm.device)])    # torch.full: no host-to-device copy
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-    bad, stop = (bool(f) for f in flags.tolist())
-    if bad:
-        optimizer.zero_grad(set_to_none=True)
-        return stats, False, stop
-    optimizer.step()
+    optimizer.grad_scale, optimizer.found_inf = None, flags[0]          # found_inf = 1: the update is skipped
+    try:
+        optimizer.step()
+    finally:
+        del optimizer.grad_scale, optimizer.found_inf
     optimizer.zero_grad(set_to_none=True)
     if ema is not None:
+        w = (1.0 - ema_decay) * (1.0 - flags[0])                          # 0 on a skipped step
         with torch.no_grad():  # important! else the EMA joins the autograd graph and keeps every step's history
-            torch._foreach_lerp_(ema[0], ema[1], 1.0 - ema_decay)
-    return stats, True, stop
+            torch._foreach_lerp_(ema[0], ema[1], [w] * len(ema[0]))
+    return stats, flags
+
+
+class LaggedFlags:
+    """train_step's flags, read on the host one step late: each step's flags are copied behind its work and
+    waited for only once the next step is queued, so the device never idles on the read."""
+
+    def __init__(self):
+        self.queue = []
+
+    def push(self, step, flags):
+        host = flags.to("cpu", non_blocking=True)                 # pinned: the copy runs behind the step
+        event = None
+        if flags.device.type == "cuda":
+            event = torch.cuda.Event()
+            event.record()
+        self.queue.append((step, host, event))
+
+    def pop(self, keep=1):
+        """[(step, non_finite, stop)] of all pushed steps but the newest `keep`."""
+        out = []
+        while len(self.queue) > keep:
+            step, host, event = self.queue.pop(0)
+            if event is not None:
+                event.synchronize()
+            bad, stop = host.tolist()
+            out.append((step, bad > 0, stop > 0))
+        return out
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -701,8 +736,9 @@ def _train(args, ckpt, disp, rank, world, device, log):
         model.grad_checkpointing = True
     ema = copy.deepcopy(model).eval().requires_grad_(False)  # exact copy at step 0
     objective = build_objective(args.model, family, args.class_dropout_prob, args.path)
+    # fused: one kernel for all tensors, and a non-finite step is skipped on the device (train_step)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, args.beta2), weight_decay=args.weight_decay,
-                            **({"fused": True} if device.type == "cuda" else {}))
+                            fused=True)
 
     # per-rank randomness (timesteps, noise, label dropout, flips): SPEC §7
     seed = args.global_seed * world + rank
@@ -717,7 +753,7 @@ def _train(args, ckpt, disp, rank, world, device, log):
         opt.load_state_dict(ckpt["opt"])
         for group in opt.param_groups:  # flags given on resume win over the saved hyper-parameters
             group["betas"], group["weight_decay"] = (0.9, args.beta2), args.weight_decay
-            group["fused"] = True if device.type == "cuda" else None  # the checkpoint may come from another device
+            group["fused"] = True  # a checkpoint of an older run may say otherwise
         step, epoch, batch_in_epoch = ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"]
         old = ckpt["config"]
         old_per_step = old.get("micro_batch_size", args.micro_batch_size) * old.get("world_size", world)
@@ -798,10 +834,9 @@ def _train(args, ckpt, disp, rank, world, device, log):
         path = make_grid_png(images, args.sample_per_class, os.path.join(args.run_dir, f"samples_{tag}.png"))
         log(f"wrote {path} ({time.time() - t0:.1f}s)")
 
-    def checkpoint(at_step, state=None):
+    def checkpoint(at_step):
         """All ranks call this (RNG states are gathered); rank 0 writes."""
-        pos, rng_state = state if state is not None else ((batches.epoch, batches.batch_in_epoch),
-                                                          get_rng_state(device))
+        pos, rng_state = (batches.epoch, batches.batch_in_epoch), get_rng_state(device)
         states = [rng_state]
         if world > 1:
             states = [None] * world
@@ -824,29 +859,27 @@ def _train(args, ckpt, disp, rank, world, device, log):
     sums, n_sum = {}, 0
     t_last, step_last = time.time(), step
     stop_reason = None
+    lagged = LaggedFlags()
     try:
         with StopSignal(log) as stop_signal:
             while step < args.steps:
                 lr = args.lr * min(1.0, (step + 1) / args.warmup_steps) if args.warmup_steps else args.lr
                 for group in opt.param_groups:
                     group["lr"] = lr
-                before = ((batches.epoch, batches.batch_in_epoch), get_rng_state(device))
-                stats, ok, stop = train_step(loss_module, opt, batches, accum, autocast, args.grad_clip,
-                                             (ema_params, model_params), args.ema_decay,
-                                             should_stop=lambda: stop_signal.requested is not None)
-                if not ok:
-                    checkpoint(step, before)  # the state before the bad update, resumable as is
-                    loss_val = float(stats["loss"])
-                    raise SystemExit(f"error: non-finite loss or gradient at step {step + 1} (loss {loss_val}, "
-                                     f"grad norm {float(stats['gnorm'])}); saved the last good state (step {step}) "
-                                     f"in {args.run_dir}: lower --lr, set --grad-clip or use --precision fp32, then "
-                                     f"--resume")
+                stats, flags = train_step(loss_module, opt, batches, accum, autocast, args.grad_clip,
+                                          (ema_params, model_params), args.ema_decay,
+                                          should_stop=lambda: stop_signal.requested is not None)
                 step += 1
                 for k, v in stats.items():  # accumulated on the device; synchronised only when logging
                     sums[k] = sums.get(k, 0) + v
                 n_sum += 1
+                lagged.push(step, flags)
+                log_now = step % args.log_every == 0 or step == args.steps
+                ready = lagged.pop(keep=0 if log_now else 1)  # this step's flags too when the host syncs anyway
+                bad_at = next((s for s, bad, _ in ready if bad), None)
+                stop = any(stop for _, _, stop in ready)
 
-                if step % args.log_every == 0 or step == args.steps or stop:
+                if log_now or stop or bad_at is not None:
                     keys = list(sums)
                     vec = torch.stack([sums[k] for k in keys]) / n_sum
                     if world > 1:
@@ -864,6 +897,11 @@ def _train(args, ckpt, disp, rank, world, device, log):
                     sums, n_sum = {}, 0
                     t_last, step_last = time.time(), step
 
+                if bad_at is not None:
+                    checkpoint(step)  # skipped updates never reached the weights: resumable as is
+                    raise SystemExit(f"error: non-finite loss or gradient at step {bad_at}; its update was skipped "
+                                     f"and the run stopped at step {step}, saved in {args.run_dir}: lower --lr, set "
+                                     f"--grad-clip or use --precision fp32, then --resume")
                 if stop:
                     stop_reason = stop_signal.requested or "a signal on another rank"
                     break
