@@ -16,6 +16,7 @@ import json
 import math
 import os
 import platform
+import random
 import statistics
 import time
 
@@ -57,6 +58,26 @@ def timeit(fn, warmup, iters, device):
         synchronize(device)  # asynchronous kernels must finish inside the timed interval
         times.append(time.perf_counter() - t0)
     return 1e3 * statistics.median(times)
+
+
+def timeit_interleaved(fns, warmup, rounds, device):
+    """Median wall time in ms of each callable in the dict `fns`, timed in turn within each round (in a new
+    random order each round), so a slow drift of the machine (other jobs, clocks) and the traces one variant
+    leaves for the next (allocator, caches) hit every variant alike and the ratios between them hold."""
+    names = list(fns)
+    for name in names:
+        for _ in range(warmup):
+            fns[name]()
+    times = {name: [] for name in names}
+    order = random.Random(0)
+    for _ in range(rounds):
+        for name in order.sample(names, len(names)):
+            synchronize(device)
+            t0 = time.perf_counter()
+            fns[name]()
+            synchronize(device)
+            times[name].append(time.perf_counter() - t0)
+    return {name: 1e3 * statistics.median(t) for name, t in times.items()}
 
 
 def peak_mib(fn, device):
@@ -131,12 +152,16 @@ def bench_dispersive(args):
         shapes = [("tiny", 8, 4, 8)]
         warmup, iters = 1, 2
     else:
-        shapes = [("SiT-B/2", 256, 256, 768)]  # global batch 256, 256 tokens × 768 channels
+        # per-GPU batch 32 (global 256 on 8 GPUs), 256 tokens × 768 channels; the whole global batch with --full
+        # or on a GPU (one GPU at global batch 256, or gather=True)
+        shapes = [("SiT-B/2", 32, 256, 768)]
+        if args.full or device.type != "cpu":
+            shapes.append(("SiT-B/2", 256, 256, 768))
         if args.full:
-            shapes.append(("SiT-XL/2", 32, 256, 1152))  # official per-GPU batch, d = 295k
+            shapes.append(("SiT-XL/2", 32, 256, 1152))  # d = 295k
             if device.type != "cpu":
-                shapes.append(("SiT-XL/2", 256, 256, 1152))  # the whole global batch (gather=True)
-        warmup, iters = (1, 2) if device.type == "cpu" else (5, 20)  # a 2-core CPU needs ~1 s per call
+                shapes.append(("SiT-XL/2", 256, 256, 1152))
+        warmup, iters = (1, 3) if device.type == "cpu" else (5, 20)
     rows = []
     gen = torch.Generator().manual_seed(0)
     for label, B, T, D in shapes:
@@ -149,11 +174,11 @@ def bench_dispersive(args):
             loss_fn().backward()
 
         for v in VARIANTS:
-            ours = timeit(lambda: step(lambda: dispersive_loss(z, v)), warmup, iters, device)
-            base = None
+            fns = {"ours": lambda: step(lambda: dispersive_loss(z, v))}
             if v != "covariance" or d <= 4096:  # the (d, d) baseline would need d² floats
-                base = timeit(lambda: step(lambda: naive_dispersive(z, v)), warmup, iters, device)
-            rows.append(row(f"dispersive/{v}", what, ours, "ms", base))
+                fns["base"] = lambda: step(lambda: naive_dispersive(z, v))
+            ms = timeit_interleaved(fns, warmup, iters, device)
+            rows.append(row(f"dispersive/{v}", what, ms["ours"], "ms", ms.get("base")))
             if device.type == "cuda":
                 base_mem = peak_mib(lambda: step(lambda: naive_dispersive(z, v)), device) if base else None
                 rows.append(row(f"dispersive/{v}", f"extra peak memory {label} B={B}",
@@ -216,14 +241,17 @@ def _sizes(args, kind):
                 "train": [("SiT-T/4", False, 32, 4), ("MeanFlow-T/4", False, 32, 4), ("DiT-T/4", False, 32, 4)],
                 "sample": [("SiT-T/4", False, 32, 2)]}[kind]
     if kind == "network":
-        sizes = [("DiT-S/2", True, 256, 32 if gpu else 4), ("DiT-B/2", True, 256, 32 if gpu else 4)]
+        sizes = [("DiT-S/2", True, 256, 32 if gpu else 4)]
+        if gpu or args.full:
+            sizes.append(("DiT-B/2", True, 256, 32 if gpu else 4))
         return sizes + ([("DiT-XL/2", True, 256, 32)] if gpu and args.full else [])
     if kind == "train":
         if gpu:
             big = "XL/2" if args.full else "B/2"
             return [(f"SiT-{big}", True, 256, 32), (f"MeanFlow-{big}", True, 256, 32), (f"DiT-{big}", True, 256, 32)]
-        return [("SiT-B/2", True, 256, 4), ("SiT-B/4", True, 256, 8), ("MeanFlow-B/4", True, 256, 8),
-                ("DiT-B/4", True, 256, 8)]
+        if args.full:
+            return [("SiT-B/2", True, 256, 4)] + [(f"{f}-B/4", True, 256, 8) for f in ("SiT", "MeanFlow", "DiT")]
+        return [(f"{f}-B/4", True, 256, 4) for f in ("SiT", "MeanFlow", "DiT")]
     if gpu:
         return [("SiT-XL/2" if args.full else "SiT-B/2", True, 256, 16)]
     # CPU: SiT-B/2 at the paper's steps with --full (tens of minutes), else SiT-B/4 at a tenth of the steps
@@ -262,14 +290,16 @@ def bench_network(args):
                 out.float().square().mean().backward()
 
             for what, fn, factor in (("fwd", fwd, 1), ("fwd+bwd", fwd_bwd, 3)):
-                model.set_fused_attention(True)
-                ms = timeit(fn, warmup, iters, device)
-                base = None
+                def attention(fused, fn=fn):
+                    model.set_fused_attention(fused)
+                    fn()
+                fns = {"ours": lambda: attention(True)}
                 if precision == "fp32" and not compiled:
-                    model.set_fused_attention(False)
-                    base = B / (timeit(fn, warmup, iters, device) / 1e3)
-                    model.set_fused_attention(True)
-                ips = B / (ms / 1e3)
+                    fns["base"] = lambda: attention(False)
+                ms = timeit_interleaved(fns, warmup, iters, device)
+                model.set_fused_attention(True)
+                base = B / (ms["base"] / 1e3) if "base" in ms else None
+                ips = B / (ms["ours"] / 1e3)
                 rows.append(row(f"network/{name}", f"{what} {label} B={B} img/s (baseline: math attention)",
                                 ips, "img/s", base))
                 peak = peak_tflops(device, precision)
@@ -297,14 +327,16 @@ class _NaiveDispersive:
 
 def bench_train(args):
     """One optimizer step (AdamW + EMA) per family: images/s with and without the dispersive term, the overhead,
-    MeanFlow's step against SiT's, and the baseline (float32 eager, math attention, torch.pdist loss)."""
+    MeanFlow's step against SiT's (with and without training-time CFG), and the baseline (float32 eager, math
+    attention, torch.pdist loss). All variants of a model are timed interleaved, round by round."""
+    import copy
     import train
     from dispersive import DispersiveConfig
     device, rows = args.device, []
-    warmup, iters = (1, 1) if args.smoke else ((1, 3) if device.type == "cpu" else (5, 20))
+    warmup, rounds = (1, 1) if args.smoke else ((1, 3) if device.type == "cpu" else (5, 20))
     precision = "bf16" if device.type == "cuda" else "fp32"
-    step_ms = {}
-    for name, latent, size, B in _sizes(args, "train"):
+
+    def setup(name, latent, size, B):
         torch.manual_seed(0)
         model, family = train.build_model(name, size, 1000 if not args.smoke else 10, latent)
         model = model.to(device)
@@ -313,52 +345,80 @@ def bench_train(args):
             for p in model.parameters():
                 if p.requires_grad and p.abs().sum() == 0:
                     p.normal_(0, 0.02)
-        objective = train.build_objective(name, family)
-        ema = [p.detach().clone() for p in model.parameters()]
         params = list(model.parameters())
         opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.999), weight_decay=0, fused=True)
-        gen = torch.Generator().manual_seed(0)
-        x, y = _inputs(model, B, device, gen)
-        disp = DispersiveConfig.preset("paper", model.depth)
-        none = DispersiveConfig(variant="none")
+        ema = [p.detach().clone() for p in params]
+        x, y = _inputs(model, B, device, torch.Generator().manual_seed(0))
 
-        def run(reg, prec, fused):
-            loss = train.TrainLoss(model, objective, reg, model.depth)
-            model.set_fused_attention(fused)
+        def make(reg, prec, fused, net=model, obj=train.build_objective(name, family)):
+            loss = train.TrainLoss(net, obj, reg, model.depth)
 
             def step():
+                model.set_fused_attention(fused)
                 train.train_step(loss, opt, lambda: (x, y), autocast=lambda: _autocast(device, prec),
                                  ema=(ema, params))
-            ms = timeit(step, warmup, iters, device)
-            model.set_fused_attention(True)
-            return ms
+            return step
+        return model, family, make
 
-        ours_none = run(none, precision, True)
-        ours_disp = run(disp, precision, True)
-        base_none = run(none, "fp32", False)
-        base_disp = run(_NaiveDispersive(disp), "fp32", False)
-        step_ms[(family, name.split("-", 1)[1])] = ours_none
+    none = DispersiveConfig(variant="none")
+    for name, latent, size, B in _sizes(args, "train"):
+        model, family, make = setup(name, latent, size, B)
+        objective = train.build_objective(name, family)
+        disp = DispersiveConfig.preset("paper", model.depth)
+
+        # the dispersive term's own cost: its forward + backward on features of the block's shape
+        feats = torch.randn(B, model.x_embedder.num_patches, model.hidden_size, device=device, requires_grad=True)
+
+        def disp_only():
+            feats.grad = None
+            with _autocast(device, precision):
+                disp.loss(feats).backward()
+
+        fns = {"ours_none": make(none, precision, True), "ours_disp": make(disp, precision, True),
+               "base_none": make(none, "fp32", False), "base_disp": make(_NaiveDispersive(disp), "fp32", False),
+               "disp_only": disp_only}
+        if family == "meanflow":
+            plain = copy.copy(objective)  # without training-time CFG (ω = 1, κ = 0): no guidance forward
+            plain.omega, plain.kappa = 1.0, 0.0
+            fns["ours_none_nocfg"] = make(none, precision, True, obj=plain)
+            sit_name = "SiT-" + name.split("-", 1)[1]  # SiT of the same size, timed in the same rounds
+            fns["sit_none"] = setup(sit_name, latent, size, B)[2](none, precision, True)
+        if args.compile:
+            fns["ours_disp_compiled"] = make(disp, precision, True, net=torch.compile(model))
+        ms = timeit_interleaved(fns, warmup + (2 if args.compile else 0), rounds, device)
+        model.set_fused_attention(True)
         what = f"{precision} B={B}"
-        rows.append(row(f"train/{name}", f"step img/s, no disp ({what})", B / ours_none * 1e3, "img/s",
-                        B / base_none * 1e3))
-        rows.append(row(f"train/{name}", f"step img/s, with disp block {disp.resolve_block(model.depth)} ({what})",
-                        B / ours_disp * 1e3, "img/s", B / base_disp * 1e3))
-        rows.append(row(f"train/{name}", "dispersive overhead (baseline: pdist loss)",
-                        100 * (ours_disp / ours_none - 1), "%", 100 * (base_disp / base_none - 1)))
+        block = disp.resolve_block(model.depth)
+        rows.append(row(f"train/{name}", f"step img/s, no disp ({what})", B / ms["ours_none"] * 1e3, "img/s",
+                        B / ms["base_none"] * 1e3))
+        rows.append(row(f"train/{name}", f"step img/s, with disp block {block} ({what})",
+                        B / ms["ours_disp"] * 1e3, "img/s", B / ms["base_disp"] * 1e3))
+        if args.compile:
+            rows.append(row(f"train/{name}", f"step img/s, with disp, torch.compile network ({what})",
+                            B / ms["ours_disp_compiled"] * 1e3, "img/s", B / ms["ours_disp"] * 1e3))
+        rows.append(row(f"train/{name}", "dispersive overhead, step vs step (baseline: pdist loss)",
+                        100 * (ms["ours_disp"] / ms["ours_none"] - 1), "%",
+                        100 * (ms["base_disp"] / ms["base_none"] - 1)))
+        rows.append(row(f"train/{name}", "dispersive loss fwd+bwd alone, % of the step",
+                        100 * ms["disp_only"] / ms["ours_none"], "%"))
         peak = peak_tflops(device, precision)
         if peak and family != "meanflow":
             rows.append(row(f"train/{name}", "MFU with disp (3 × fwd FLOPs)",
-                            100 * 3 * 2 * dit_macs_per_image(model) * B / (ours_disp / 1e3) / (peak * 1e12), "%"))
+                            100 * 3 * 2 * dit_macs_per_image(model) * B / (ms["ours_disp"] / 1e3) / (peak * 1e12),
+                            "%"))
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-            run(disp, precision, True)
+            fns["ours_disp"]()
+            synchronize(device)
             rows.append(row(f"train/{name}", f"peak memory ({what})",
                             torch.cuda.max_memory_allocated(device) / 2 ** 30, "GiB"))
-        del model, opt, ema, params
-    for (family, size), ms in step_ms.items():
-        if family == "meanflow" and ("sit", size) in step_ms:
-            rows.append(row(f"train/MeanFlow-{size}", f"step time vs SiT-{size} (same batch)", ms, "ms",
-                            step_ms[("sit", size)]))
+        if family == "meanflow":
+            size_name = name.split("-", 1)[1]
+            rows.append(row(f"train/{name}", f"step time vs SiT-{size_name}, training-time CFG ({what})",
+                            ms["ours_none"], "ms", ms["sit_none"]))
+            rows.append(row(f"train/{name}", f"step time vs SiT-{size_name}, no CFG (ω = 1, κ = 0)",
+                            ms["ours_none_nocfg"], "ms", ms["sit_none"]))
+        del model, make, fns, feats
     return rows
 
 
@@ -389,8 +449,8 @@ def bench_sample(args):
             steps = dict(sde=3, ode_heun=2, ode_euler=3, ddpm=3, ddim=3)
         elif paper:
             steps = dict(sde=250, ode_heun=125, ode_euler=250, ddpm=250, ddim=50)
-        else:  # a 2-core CPU: a tenth of the paper's steps; NFE per image is printed so rates convert
-            steps = dict(sde=25, ode_heun=12, ode_euler=25, ddpm=25, ddim=10)
+        else:  # a 2-core CPU: a tenth of the paper's steps or less; NFE per image is printed so rates convert
+            steps = dict(sde=10, ode_heun=5, ode_euler=10, ddpm=10, ddim=5)
         gen = torch.Generator().manual_seed(0)
         cases = [
             ("sit", "sde", dict(sampler="sde", num_steps=steps["sde"])),
@@ -472,7 +532,7 @@ def bench_data(args):
     from PIL import Image
     import data
     rows = []
-    n, size = (16, 64) if args.smoke else (256, 256)
+    n, size = (16, 64) if args.smoke else ((256, 256) if args.full else (64, 256))
     workers = 0 if args.smoke else 2
     with tempfile.TemporaryDirectory() as root:
         rng = np.random.default_rng(0)

@@ -103,6 +103,31 @@ def test_jvp_target_matches_central_finite_difference(f64_time_embedding):
     assert torch.equal(u_tgt[~ne], v_g[~ne])                  # r = t: the target is v_g exactly
     assert _rel(u, u_plain) < 1e-12                           # the primal is the prediction, in batch order
     assert all(b.attn.fused for b in m.blocks)                # fused attention restored after the JVP
+    assert not any("forward" in vars(mod) for mod in m.modules())  # and the plain linear layers
+
+
+def test_jvp_tangent_costs_one_matrix_product_per_linear_layer():
+    """torch's forward-mode formula for linear also multiplies by the weight's zero tangent (a second full
+    product); inside the JVP each linear layer runs its forward product and one tangent product, and no zero
+    tangent of a weight's shape is ever filled."""
+    m = tiny_net()
+    mf = MeanFlow(omega=1.0, kappa=0.0, class_dropout_prob=0.0)
+    x, noise, y = batch(B=2)
+    t = torch.tensor([0.9, 0.7], dtype=torch.float64)
+    n_linear = sum(type(mod) is torch.nn.Linear for mod in m.modules())
+
+    def ops(fn):
+        with torch.autograd.profiler.profile(record_shapes=True) as prof:
+            fn()
+        return prof.key_averages(group_by_input_shape=True)
+
+    with torch.no_grad():
+        ev = ops(lambda: mf._jvp(m, x, t, t / 2, y, noise, None))
+    products = sum(e.count for e in ev if e.key in ("aten::addmm", "aten::mm"))
+    assert products == 2 * n_linear
+    weight_shapes = {tuple(p.shape) for p in m.parameters() if p.dim() == 2}
+    assert not [e.input_shapes for e in ev if e.key == "aten::fill_" and e.input_shapes
+                and tuple(e.input_shapes[0]) in weight_shapes]
 
 
 def test_gradients_match_independent_recomputation_and_reach_every_parameter():
