@@ -604,6 +604,14 @@ def main(argv=None):
             rows += section
             if not args.json:  # progress: each section's rows as soon as they exist
                 print(f"[{name}: {time.perf_counter() - t0:.0f} s]", flush=True)
+    if args.device.type != "cuda":  # the CUDA rows carry their own peak memory
+        try:
+            import resource
+            rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+            rows.append(row("bench/process", "peak resident memory of this run (all sections)", rss / 2 ** 20,
+                            "GiB"))
+        except ImportError:  # not on this platform
+            pass
     if args.json:
         print(json.dumps(dict(env=env, rows=rows), indent=1))
     else:
