@@ -21,7 +21,7 @@ ImageNet 256 on SD-VAE latents (build the cache once: `python data.py cache ...`
     torchrun --standalone --nproc_per_node=8 train.py ... --disp-preset official     # λ 0.25, τ 1, last block
     torchrun --standalone --nproc_per_node=8 train.py --model DiT-XL/2 --image-size 256 --latent-cache ...
     torchrun --standalone --nproc_per_node=8 train.py --model MeanFlow-XL/2 --image-size 256 --latent-cache ...
-    # continue after a crash or preemption (SIGTERM saves a checkpoint after the current step)
+    # continue after a crash or preemption (SIGTERM saves a checkpoint within a step or two)
     torchrun --standalone --nproc_per_node=8 train.py --resume runs/sit-xl2-disp
 
 One code path for CPU, one GPU, many GPUs and many nodes: under torchrun (RANK, WORLD_SIZE, LOCAL_RANK in the
@@ -459,7 +459,8 @@ def make_parser():
     g.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, mps")
     g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                    help="auto: bf16 autocast on GPUs that support it, else fp32")
-    g.add_argument("--compile", action="store_true", help="torch.compile the network")
+    g.add_argument("--compile", action="store_true", help="torch.compile the network (MeanFlow's JVP rows run the eager module: "
+                   "compiled forward-mode AD is unreliable in torch 2.13)")
     g.add_argument("--grad-checkpointing", action="store_true", help="recompute blocks in backward (less memory)")
     g.add_argument("--num-workers", type=int, default=None,
                    help="DataLoader workers per process (default: 0 for the in-memory shapes, else up to 8)")
