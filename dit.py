@@ -488,12 +488,6 @@ def discretized_gaussian_log_likelihood(x, means, log_scales):
     return torch.where(x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_min, log_cdf_delta))
 
 
-def _extract(arr, t, x):
-    """arr[t] from a float64 CPU schedule as an (N, 1, ..., 1) tensor in x's dtype on x's device."""
-    # cast before the move: float64 does not exist on every accelerator (MPS); arr.to(dtype)[t] == arr[t].to(dtype)
-    return arr.to(x.dtype).to(x.device)[t].reshape(-1, *[1] * (x.dim() - 1))
-
-
 class GaussianDiffusion:
     """Forward process, training loss and reverse steps of a discrete Gaussian diffusion with eps prediction.
 
@@ -541,28 +535,29 @@ class GaussianDiffusion:
         """x_t = sqrt(ᾱ_t) x_0 + sqrt(1 - ᾱ_t) eps."""
         if noise is None:
             noise = torch.randn_like(x_start)
-        return (_extract(self.sqrt_alphas_cumprod, t, x_start) * x_start
-                + _extract(self.sqrt_one_minus_alphas_cumprod, t, x_start) * noise)
+        return (self._extract(self.sqrt_alphas_cumprod, t, x_start) * x_start
+                + self._extract(self.sqrt_one_minus_alphas_cumprod, t, x_start) * noise)
 
     def q_posterior_mean_variance(self, x_start, x_t, t):
         """Mean, variance and clipped log-variance of q(x_{t-1} | x_t, x_0)."""
-        mean = (_extract(self.posterior_mean_coef1, t, x_t) * x_start
-                + _extract(self.posterior_mean_coef2, t, x_t) * x_t)
-        return mean, _extract(self.posterior_variance, t, x_t), _extract(self.posterior_log_variance_clipped, t, x_t)
+        mean = (self._extract(self.posterior_mean_coef1, t, x_t) * x_start
+                + self._extract(self.posterior_mean_coef2, t, x_t) * x_t)
+        return (mean, self._extract(self.posterior_variance, t, x_t),
+                self._extract(self.posterior_log_variance_clipped, t, x_t))
 
     def _predict_xstart_from_eps(self, x_t, t, eps):
-        return (_extract(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t
-                - _extract(self.sqrt_recipm1_alphas_cumprod, t, x_t) * eps)
+        return (self._extract(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t
+                - self._extract(self.sqrt_recipm1_alphas_cumprod, t, x_t) * eps)
 
     def _predict_eps_from_xstart(self, x_t, t, pred_xstart):
-        return ((_extract(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t - pred_xstart)
-                / _extract(self.sqrt_recipm1_alphas_cumprod, t, x_t))
+        return ((self._extract(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t - pred_xstart)
+                / self._extract(self.sqrt_recipm1_alphas_cumprod, t, x_t))
 
     # --- the model's reverse step -------------------------------------------------------------------------
 
     def _model(self, model, x, t, y, **kwargs):
         # the network always sees steps of the original process
-        return model(x, self.timestep_map.to(t.device)[t], y, **kwargs)
+        return model(x, self._on(self.timestep_map, t.device, torch.long)[t], y, **kwargs)
 
     def _split_output(self, model_output, x):
         C = x.shape[1]
@@ -577,14 +572,14 @@ class GaussianDiffusion:
         eps, v = self._split_output(model_output, x)
         if v is not None:
             # learned range: v = -1 -> posterior variance, v = +1 -> beta_t (interpolated in log space)
-            min_log = _extract(self.posterior_log_variance_clipped, t, x)
-            max_log = _extract(self.log_betas, t, x)
+            min_log = self._extract(self.posterior_log_variance_clipped, t, x)
+            max_log = self._extract(self.log_betas, t, x)
             frac = (v + 1) / 2
             log_variance = frac * max_log + (1 - frac) * min_log
         elif self.sigma_small:
-            log_variance = _extract(self.posterior_log_variance_clipped, t, x).expand_as(x)
+            log_variance = self._extract(self.posterior_log_variance_clipped, t, x).expand_as(x)
         else:
-            log_variance = _extract(self.log_betas_fixed_large, t, x).expand_as(x)
+            log_variance = self._extract(self.log_betas_fixed_large, t, x).expand_as(x)
         pred_xstart = self._predict_xstart_from_eps(x, t, eps)
         if clip_denoised:
             pred_xstart = pred_xstart.clamp(-1, 1)
@@ -596,6 +591,21 @@ class GaussianDiffusion:
         """p(x_{t-1} | x_t) as {"mean", "variance", "log_variance", "pred_xstart"}; DiT samples with
         clip_denoised=False."""
         return self._p_mean_variance_from_output(self._model(model, x, t, y), x, t, clip_denoised)
+
+    def _on(self, arr, device, dtype):
+        """A schedule array in dtype on device, copied once and kept: no host-to-device copy (and so no wait for
+        the GPU) inside a training or sampling step."""
+        copies = self.__dict__.setdefault("_copies", {})
+        key = (id(arr), torch.device(device), dtype)
+        if key not in copies:
+            # cast before the move: float64 does not exist on every accelerator (MPS)
+            copies[key] = arr.to(dtype).to(device)
+        return copies[key]
+
+    def _extract(self, arr, t, x):
+        """arr[t] from a float64 CPU schedule as an (N, 1, ..., 1) tensor in x's dtype on x's device
+        (arr.to(dtype)[t] == arr[t].to(dtype))."""
+        return self._on(arr, x.device, x.dtype)[t].reshape(-1, *[1] * (x.dim() - 1))
 
     # --- training -----------------------------------------------------------------------------------------
 
@@ -649,8 +659,8 @@ class GaussianDiffusion:
         """One DDIM step (Song et al.); eta = 0 is deterministic, eta = 1 has DDPM's posterior variance."""
         out = self.p_mean_variance(model, x, t, y, clip_denoised)
         eps = self._predict_eps_from_xstart(x, t, out["pred_xstart"])
-        alpha_bar = _extract(self.alphas_cumprod, t, x)
-        alpha_bar_prev = _extract(self.alphas_cumprod_prev, t, x)
+        alpha_bar = self._extract(self.alphas_cumprod, t, x)
+        alpha_bar_prev = self._extract(self.alphas_cumprod_prev, t, x)
         sigma = eta * torch.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar)) * torch.sqrt(1 - alpha_bar / alpha_bar_prev)
         mean_pred = out["pred_xstart"] * torch.sqrt(alpha_bar_prev) + torch.sqrt(1 - alpha_bar_prev - sigma ** 2) * eps
         noise = _randn_like(x, generator)

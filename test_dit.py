@@ -516,3 +516,18 @@ def test_sampler_arguments_and_progress(capsys):
         assert torch.isfinite(sample(model, z, y, sampler=sampler, num_steps=1)).all()
     with pytest.raises(ValueError, match="fewer steps"):
         sample(model, z, y, num_steps=2000)
+
+
+def test_schedule_tables_are_copied_once_per_device_and_dtype():
+    """The float64 schedules are cast (and moved) once and reused, so a training or sampling step makes no
+    host-to-device copy; the values are those of the float64 table cast to the input's dtype."""
+    d = create_diffusion("250")
+    x = torch.randn(3, 2, 4, 4)
+    t = torch.tensor([0, 100, 249])
+    a = d._extract(d.sqrt_alphas_cumprod, t, x)
+    assert a.dtype == torch.float32 and a.shape == (3, 1, 1, 1)
+    assert torch.equal(a.flatten(), d.sqrt_alphas_cumprod[t].float())
+    table = d._on(d.sqrt_alphas_cumprod, x.device, torch.float32)
+    assert d._on(d.sqrt_alphas_cumprod, x.device, torch.float32) is table                  # cached
+    assert d._on(d.sqrt_alphas_cumprod, x.device, torch.float64) is not table              # per dtype
+    assert d._on(d.timestep_map, x.device, torch.long)[249] == d.timestep_map[249] == 999  # respaced: last = 999

@@ -459,8 +459,9 @@ def make_parser():
     g.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, mps")
     g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                    help="auto: bf16 autocast on GPUs that support it, else fp32")
-    g.add_argument("--compile", action="store_true", help="torch.compile the network (MeanFlow's JVP rows run the eager module: "
-                   "compiled forward-mode AD is unreliable in torch 2.13)")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the network (MeanFlow's JVP rows run the eager module: compiled forward-mode "
+                        "AD is unreliable in torch 2.13)")
     g.add_argument("--grad-checkpointing", action="store_true", help="recompute blocks in backward (less memory)")
     g.add_argument("--num-workers", type=int, default=None,
                    help="DataLoader workers per process (default: 0 for the in-memory shapes, else up to 8)")
