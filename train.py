@@ -233,9 +233,10 @@ class LaggedFlags:
         self.queue = []
 
     def push(self, step, flags):
-        host = flags.to("cpu", non_blocking=True)                 # pinned: the copy runs behind the step
+        cuda = flags.device.type == "cuda"
+        host = flags.to("cpu", non_blocking=cuda)                 # CUDA: pinned, the copy runs behind the step
         event = None
-        if flags.device.type == "cuda":
+        if cuda:
             event = torch.cuda.Event()
             event.record()
         self.queue.append((step, host, event))
