@@ -2,6 +2,7 @@
 dispersive term, the contrastive baseline, where the regulariser's gradient goes, faults and bad flags, and
 training on an SD-VAE latent cache. Tiny models (SiT-T/4 at 16x16) and a few steps each."""
 
+import copy
 import json
 import math
 import os
@@ -88,6 +89,20 @@ def test_resume_is_bit_exact(runs):
     for x, y in zip(ra, rb):
         assert x["loss"] == y["loss"] and x["gnorm"] == y["gnorm"] and x["lr"] == y["lr"]
     assert [r["lr"] for r in rb] == pytest.approx([5e-4, 1e-3, 1e-3, 1e-3])  # warmup 2 steps of lr 1e-3
+
+
+def test_resume_from_a_checkpoint_of_an_unfused_optimizer(runs, tmp_path):
+    # checkpoints written before the trainer used fused AdamW on every device: fused None, step as saved
+    ck = copy.deepcopy(runs["a2"])  # the state after 2 steps
+    for group in ck["opt"]["param_groups"]:
+        group["fused"] = None
+    old = tmp_path / "old"
+    old.mkdir()
+    torch.save(ck, old / "checkpoint.pt")
+    out = train.main(["--resume", str(old), "--steps", "4"])
+    final = load(out["run_dir"])
+    for key in STATE_KEYS:
+        assert_identical(final[key], runs["b4"][key], key)
 
 
 def test_checkpoint_format(runs):

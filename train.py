@@ -757,6 +757,9 @@ def _train(args, ckpt, disp, rank, world, device, log):
         for group in opt.param_groups:  # flags given on resume win over the saved hyper-parameters
             group["betas"], group["weight_decay"] = (0.9, args.beta2), args.weight_decay
             group["fused"] = True  # a checkpoint of an older run may say otherwise
+        for p, state in opt.state.items():  # fused AdamW keeps its step counts as float32 on the parameter's device
+            if torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].to(p.device, torch.float32)
         step, epoch, batch_in_epoch = ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"]
         old = ckpt["config"]
         old_per_step = old.get("micro_batch_size", args.micro_batch_size) * old.get("world_size", world)
