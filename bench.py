@@ -350,7 +350,9 @@ def bench_train(args):
         ema = [p.detach().clone() for p in params]
         x, y = _inputs(model, B, device, torch.Generator().manual_seed(0))
 
-        def make(reg, prec, fused, net=model, obj=train.build_objective(name, family)):
+        objective = train.build_objective(name, family)
+
+        def make(reg, prec, fused, net=model, obj=objective):
             loss = train.TrainLoss(net, obj, reg, model.depth)
 
             def step():
@@ -358,12 +360,11 @@ def bench_train(args):
                 train.train_step(loss, opt, lambda: (x, y), autocast=lambda: _autocast(device, prec),
                                  ema=(ema, params))
             return step
-        return model, family, make
+        return model, family, objective, make
 
     none = DispersiveConfig(variant="none")
     for name, latent, size, B in _sizes(args, "train"):
-        model, family, make = setup(name, latent, size, B)
-        objective = train.build_objective(name, family)
+        model, family, objective, make = setup(name, latent, size, B)
         disp = DispersiveConfig.preset("paper", model.depth)
 
         # the dispersive term's own cost: its forward + backward on features of the block's shape
@@ -382,7 +383,7 @@ def bench_train(args):
             plain.omega, plain.kappa = 1.0, 0.0
             fns["ours_none_nocfg"] = make(none, precision, True, obj=plain)
             sit_name = "SiT-" + name.split("-", 1)[1]  # SiT of the same size, timed in the same rounds
-            fns["sit_none"] = setup(sit_name, latent, size, B)[2](none, precision, True)
+            fns["sit_none"] = setup(sit_name, latent, size, B)[3](none, precision, True)
         if args.compile:
             fns["ours_disp_compiled"] = make(disp, precision, True, net=torch.compile(model))
         ms = timeit_interleaved(fns, warmup + (2 if args.compile else 0), rounds, device)
