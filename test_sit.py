@@ -4,13 +4,15 @@ Run: python -m pytest -q test_sit.py"""
 
 import math
 import os
+import re
 from unittest import mock
 
 import pytest
 import torch
 
-from dit import DiT, load_checkpoint
-from sit import SAMPLERS, SiT, SiT_models, Transport, sample
+import dit
+from dit import DiT
+from sit import SAMPLERS, SiT, SiT_models, Transport, load_checkpoint, sample
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 GOLDEN = torch.load(os.path.join(HERE, "testdata", "sit_golden.pt"), weights_only=True)
@@ -18,6 +20,15 @@ GOLDEN = torch.load(os.path.join(HERE, "testdata", "sit_golden.pt"), weights_onl
 
 def rel(a, b):
     return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # the tensors here are tiny: on a busy machine, waking a second intra-op thread per op costs more than it saves
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def tiny_sit():
@@ -36,7 +47,7 @@ STD = torch.tensor([0.5, 1.0, 2.0, 1.5], dtype=torch.float64).view(1, 4, 1, 1)
 
 
 def path_coefficients(path, t):
-    """(α, σ, α̇, σ̇) written out from SPEC §4, independently of sit.py (VP: the official β from 0.1 to 20)."""
+    """(α, σ, α̇, σ̇) written out independently of sit.py (VP: the official β from 0.1 to 20)."""
     if path == "linear":
         return t, 1 - t, torch.ones_like(t), -torch.ones_like(t)
     if path == "gvp":
@@ -68,10 +79,10 @@ def noise(n, seed=0):
 
 
 class Counter:
-    """Wraps a callable; records (t, batch size, labels) of every call."""
+    """Wraps a callable; records (t, batch size, labels) of every call. num_classes: the null label for CFG."""
 
-    def __init__(self, fn):
-        self.fn, self.calls = fn, []
+    def __init__(self, fn, num_classes=None):
+        self.fn, self.calls, self.num_classes = fn, [], num_classes
 
     def __call__(self, x, t, y):
         self.calls.append((t[0].item(), x.shape[0], None if y is None else y.clone()))
@@ -115,11 +126,14 @@ def test_return_features_same_pass():
 
 
 def test_registry():
-    assert list(SiT_models) == [f"SiT-{s}/{p}" for s in ("XL", "L", "B", "S") for p in (2, 4, 8)]
+    assert list(SiT_models) == [f"SiT-{s}/{p}" for s in ("XL", "L", "B", "S", "T") for p in (2, 4, 8)]
+    assert load_checkpoint is dit.load_checkpoint
     with torch.device("meta"), mock.patch("torch.nn.init.normal_", lambda t, *a, **k: t), \
             mock.patch.object(SiT, "initialize_weights", lambda self: None):
         m = SiT_models["SiT-B/4"](input_size=32)
+        tiny = SiT_models["SiT-T/2"](input_size=32)
     assert (m.depth, m.hidden_size, m.num_heads, m.patch_size, m.out_channels) == (12, 768, 12, 4, 8)
+    assert (tiny.depth, tiny.hidden_size, tiny.num_heads, tiny.patch_size) == (*dit.SIZES["T"], 2)
 
 
 def test_released_xl2_layout_loads_strictly():
@@ -180,18 +194,6 @@ def test_training_losses_features_and_rng():
     assert not torch.equal(c["loss"], b["loss"])  # a fresh draw of t and noise
 
 
-def test_training_losses_noise_and_score_targets():
-    g = torch.Generator().manual_seed(0)
-    x1, x0, out = (torch.randn(3, 2, 4, 4, generator=g, dtype=torch.float64) for _ in range(3))
-    t = torch.tensor([0.2, 0.5, 0.7], dtype=torch.float64)
-    fixed = lambda x, t, y: out
-    sig = (1 - t).view(-1, 1, 1, 1)
-    noise_loss = Transport(prediction="noise").training_losses(fixed, x1, None, t=t, x0=x0)["loss"]
-    score_loss = Transport(prediction="score").training_losses(fixed, x1, None, t=t, x0=x0)["loss"]
-    assert torch.allclose(noise_loss.double(), ((out - x0) ** 2).mean((1, 2, 3)))
-    assert torch.allclose(score_loss.double(), ((out * sig + x0) ** 2).mean((1, 2, 3)))
-
-
 def test_training_losses_rejects_learned_sigma_output():
     dit = DiT(**GOLDEN["config"]).eval()  # 8 output channels for 4 input channels
     with pytest.raises(ValueError, match="SiT"):
@@ -222,22 +224,17 @@ def test_optimal_velocity_is_conditional_expectation(path):
 
 
 @pytest.mark.parametrize("path", ["linear", "gvp", "vp"])
-def test_score_and_velocity_conversions(path):
-    # On Gaussian data the score is known; the transport must turn the optimal velocity into it and back.
+def test_score_from_velocity(path):
+    # On Gaussian data the score is known; the transport must turn the optimal velocity into it.
     tr = Transport(path=path)
     x = noise(64) * 2 + 0.3
     for tv in (0.05, 0.4, 0.9):
         t = torch.full((64,), tv, dtype=torch.float64)
-        v = optimal_velocity(path)(x, t)
-        _, s = tr.velocity_and_score(v, x, t)
+        s = tr.score(optimal_velocity(path)(x, t), x, t)
         assert torch.allclose(s, gaussian_score(path, x, t), rtol=1e-10, atol=1e-10)
-        if path == "linear":  # SPEC §4: s = (t·v − x) / (1 − t)
+        if path == "linear":  # s = (t·v − x) / (1 − t)
+            v = optimal_velocity(path)(x, t)
             assert torch.allclose(s, (tv * v - x) / (1 - tv), rtol=1e-12, atol=1e-12)
-        v_from_score, _ = Transport(path=path, prediction="score").velocity_and_score(s, x, t)
-        sig = path_coefficients(path, t.view(-1, 1, 1, 1))[1]
-        v_from_noise, _ = Transport(path=path, prediction="noise").velocity_and_score(-sig * s, x, t)
-        assert torch.allclose(v_from_score, v, rtol=1e-9, atol=1e-9)
-        assert torch.allclose(v_from_noise, v, rtol=1e-9, atol=1e-9)
 
 
 # ----------------------------------------------------------------------------- ODE samplers vs the exact flow
@@ -377,9 +374,9 @@ def test_sde_reproducible_with_seed():
     ("sde-heun", lambda n: 2 * n - 1), ("dopri5", None),
 ])
 def test_nfe_equals_docstring(sampler, stated, cfg_scale):
-    calls = Counter(lambda x, t, y: optimal_velocity("linear")(x, t) + 0.01 * y.view(-1, 1, 1, 1))
+    calls = Counter(lambda x, t, y: optimal_velocity("linear")(x, t) + 0.01 * y.view(-1, 1, 1, 1), num_classes=9)
     y = torch.tensor([0, 1, 2])
-    x, nfe = sample(calls, noise(3), y, sampler=sampler, num_steps=7, cfg_scale=cfg_scale, null_class=9,
+    x, nfe = sample(calls, noise(3), y, sampler=sampler, num_steps=7, cfg_scale=cfg_scale,
                     return_nfe=True, generator=torch.Generator().manual_seed(0))
     assert nfe == len(calls.calls)
     if stated is None:
@@ -414,10 +411,9 @@ def test_cfg_matches_forward_with_cfg(guide_channels):
 def test_guidance_interval():
     def model(x, t, y):  # conditional and unconditional predictions differ, depend on x and t
         return 0.3 * x + (y.double() + 1).view(-1, 1, 1, 1) * (1 + t.view(-1, 1, 1, 1))
-    calls = Counter(model)
+    calls = Counter(model, num_classes=7)
     z, y, scale, lo, hi = noise(4), torch.tensor([0, 1, 2, 3]), 2.5, 0.25, 0.6
-    x = sample(calls, z, y, sampler="ode-euler", num_steps=10, cfg_scale=scale, null_class=7,
-               guidance_interval=(lo, hi))
+    x = sample(calls, z, y, sampler="ode-euler", num_steps=10, cfg_scale=scale, guidance_interval=(lo, hi))
     ref = z
     for i in range(10):
         t = torch.full((4,), i / 10, dtype=torch.float64)
@@ -432,8 +428,36 @@ def test_guidance_interval():
 
 
 def test_plain_callable_cfg_needs_null_class():
-    with pytest.raises(ValueError, match="null_class"):
+    with pytest.raises(ValueError, match="null-class label"):
         sample(lambda x, t, y: x, noise(2), torch.tensor([0, 1]), sampler="ode-euler", num_steps=2, cfg_scale=2.0)
     with pytest.raises(ValueError, match="sampler"):
         sample(lambda x, t, y: x, noise(2), None, sampler="euler")
+    with pytest.raises(ValueError, match="path"):
+        sample(lambda x, t, y: x, noise(2), None, path="cosine")
+    for sampler, least in (("sde", 2), ("ode-euler", 1)):
+        with pytest.raises(ValueError, match=f"at least {least}"):
+            sample(lambda x, t, y: x, noise(2), None, sampler=sampler, num_steps=least - 1)
     assert set(SAMPLERS) == {"sde", "sde-heun", "ode-euler", "ode-heun", "dopri5"}
+
+
+def test_generator_forms_give_the_same_noise_in_dit_and_sit():
+    """generator= is one argument in every stochastic sampler: an int seed, a torch.Generator with that seed, and a
+    callable noise(x) drawing from it give the same samples; in dit.sample as in sit.sample."""
+    v, z = optimal_velocity("linear"), noise(8)
+    eps = lambda x, t, y: 0.1 * x  # noqa: E731  (an eps model for dit.sample)
+    y = torch.zeros(8, dtype=torch.long)
+    for run in (lambda g: sample(v, z, None, sampler="sde", num_steps=10, generator=g),
+                lambda g: sample(v, z, None, sampler="sde-heun", num_steps=5, generator=g),
+                lambda g: dit.sample(eps, z, y, num_steps=10, generator=g)):
+        a = run(3)
+        assert torch.equal(a, run(torch.Generator().manual_seed(3)))
+        g = torch.Generator().manual_seed(3)
+        assert torch.equal(a, run(lambda x: torch.randn(x.shape, generator=g, dtype=x.dtype)))
+        assert not torch.equal(a, run(4))
+
+
+def test_progress_reports_steps_and_nfe(capsys):
+    sample(optimal_velocity("linear"), noise(2), None, sampler="ode-heun", num_steps=3, progress=True)
+    assert re.fullmatch(r"ode-heun 3/3 \| [0-9.]+/s \| eta 0:00:00 \| nfe 6\n", capsys.readouterr().err)
+    sample(optimal_velocity("linear"), noise(2), None, sampler="dopri5", progress=True)
+    assert re.fullmatch(r"dopri5 \d+ \| [0-9.]+/s \| nfe \d+\n", capsys.readouterr().err)
