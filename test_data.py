@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import socket
 import sys
 import warnings
@@ -123,18 +124,75 @@ def test_imagefolder_corrupt_files(tmp_path):
             x, y = ds[0]                             # both bad files skipped, good1 substituted
         msgs = " ".join(str(r.message) for r in rec)
         assert "bad_trunc.jpg" in msgs and "garbage.png" in msgs
-        assert ds.num_bad == 2
+        assert len(ds.bad_files) == 2
         ref = np.array(Image.open(ds.path(2)).convert("RGB"), np.float64).transpose(2, 0, 1) / 127.5 - 1
         np.testing.assert_allclose(x.numpy(), ref, atol=1e-6)
         with warnings.catch_warnings():
             warnings.simplefilter("error")           # known bad files are skipped silently afterwards
             torch.testing.assert_close(ds[1][0], x)
-        assert ds.num_bad == 2
+        assert len(ds.bad_files) == 2
         strict = data.ImageFolder(tmp_path, 8, max_bad=1)
-        with pytest.warns(UserWarning), pytest.raises(RuntimeError, match="max_bad=1"):
+        with pytest.warns(UserWarning), pytest.raises(data.DataError, match="max_bad=1"):
             strict[0]
     finally:
         ImageFile.LOAD_TRUNCATED_IMAGES = old
+
+
+def test_imagefolder_nothing_readable(tmp_path):
+    # every image unreadable: one sentence (DataError), also when raised in a DataLoader worker, whose re-raised
+    # message is the worker's traceback; e.sentence recovers the line
+    (tmp_path / "c").mkdir()
+    for k in range(3):
+        (tmp_path / "c" / f"{k}.png").write_bytes(b"not a png")
+    ds = data.ImageFolder(tmp_path, 8)
+    want = f"None of the 3 images under {tmp_path} can be read; check --data-path."
+    with pytest.warns(UserWarning), pytest.raises(data.DataError) as direct:
+        ds[1]
+    assert str(direct.value) == direct.value.sentence == want
+    loader = torch.utils.data.DataLoader(data.ImageFolder(tmp_path, 8, max_bad=0), num_workers=1)
+    with warnings.catch_warnings(), pytest.raises(data.DataError) as worker:
+        warnings.simplefilter("ignore")
+        next(iter(loader))
+    assert "Traceback" in str(worker.value)
+    assert worker.value.sentence == f"More than max_bad=0 unreadable images under {tmp_path}; fix or remove them, " \
+                                    f"or raise --max-bad."
+
+
+def test_imagefolder_link_loops(tmp_path):
+    # a link to the folder itself (`ln -s . self`) and one back to the root: every real folder is entered once, so
+    # each image is counted once (os.walk(followlinks=True) counted class a 41 times, and the link to the root made
+    # the scan exponential)
+    img = np.zeros((4, 4, 3), np.uint8)
+    for f in ("a/1.png", "a/sub/2.png", "b/3.png"):
+        _save(tmp_path / f, img)
+    os.symlink(".", tmp_path / "a" / "self")
+    os.symlink("..", tmp_path / "a" / "sub" / "up")
+    os.symlink(tmp_path / "b", tmp_path / "a" / "to_b")        # b's images belong to the folder reached first
+    with pytest.warns(UserWarning, match="b holds no images"):  # b was already scanned through a/to_b
+        ds = data.ImageFolder(tmp_path, 4)
+    got = sorted((os.path.relpath(ds.path(i), tmp_path), int(ds.labels[i])) for i in range(len(ds)))
+    assert got == [("a/1.png", 0), ("a/sub/2.png", 0), ("a/to_b/3.png", 0)]
+    os.remove(tmp_path / "a" / "to_b")
+    unc = data.ImageFolder(tmp_path / "a", 4, unconditional=True)
+    assert sorted(os.path.relpath(unc.path(i), tmp_path / "a") for i in range(len(unc))) == ["1.png", "sub/2.png"]
+
+
+def test_imagefolder_non_utf8_names(tmp_path):
+    # file and folder names that are not valid UTF-8 (raw byte 0xe9, Latin-1 "é") are read like any other
+    rng = np.random.RandomState(0)
+    arr = rng.randint(0, 256, (6, 6, 3)).astype(np.uint8)
+    _save(tmp_path / "a" / "ok.png", arr)
+    folder = os.path.join(os.fsencode(tmp_path), b"caf\xe9")
+    os.mkdir(folder)
+    Image.fromarray(arr[::-1]).save(os.path.join(folder, b"\xe9t\xe9.png"), format="PNG")
+    ds = data.ImageFolder(tmp_path, 6, flip=False)
+    assert len(ds) == 2 and ds.classes == ["a", os.fsdecode(b"caf\xe9")]
+    assert os.fsencode(ds.path(1)).endswith(b"caf\xe9/\xe9t\xe9.png")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        x, y = ds[1]
+    assert int(y) == 1
+    np.testing.assert_allclose(x.numpy(), arr[::-1].transpose(2, 0, 1) / 127.5 - 1, atol=1e-6)
 
 
 # -----------------------------------------------------------------------------
@@ -298,9 +356,9 @@ def test_cache_resume_and_integrity(setup, tmp_path):
         assert (p.read_bytes(), p.stat().st_mtime_ns) == before[c]
     for a, b in zip(_arrays(out), _arrays(root / "c32")):
         np.testing.assert_array_equal(a, b)
-    # integrity: recorded statistics match a float64 recomputation; one changed value is caught by verify()
+    # integrity: recorded statistics match a float64 recomputation; one changed value is caught by verify_cache
     cache = data.LatentCache(out)
-    stats = cache.verify()
+    stats = data.verify_cache(out)
     mean = _arrays(out)[0].astype(np.float64)
     recorded = json.loads((out / "complete.json").read_text())
     assert stats["checksum"] == recorded["checksum"]
@@ -310,8 +368,48 @@ def test_cache_resume_and_integrity(setup, tmp_path):
     m[7, 1, 2, 3, 3] += 1.0
     m.flush()
     del m
-    with pytest.raises(RuntimeError, match="chunk 2"):
-        data.LatentCache(out).verify()
+    with pytest.raises(data.DataError, match="chunk 2"):
+        data.verify_cache(out)
+
+
+def test_cache_damage_is_found_at_open(setup, tmp_path):
+    root, _ = setup
+    # garbage bytes over part of a chunk of mean.npy (file size unchanged): the crc32 of the chunks checked at open
+    # (all 4 of this cache) name the file, the chunk and the rebuild
+    out = tmp_path / "garbage"
+    shutil.copytree(root / "c32", out)
+    mean = np.load(out / "mean.npy", mmap_mode="r")
+    row = mean[0].nbytes
+    with open(out / "mean.npy", "r+b") as f:
+        f.seek(mean.offset + 7 * row + 100)
+        f.write(np.random.RandomState(0).bytes(64))
+    with pytest.raises(data.DataError, match=r"mean\.npy is damaged in chunk 2 \(images 6\.\.8.*chunks/000002\.json"):
+        data.LatentCache(out)
+    # a truncated mean.npy (np.load's own message: "mmap length is greater than file size"), and one byte too many
+    out = tmp_path / "truncated"
+    shutil.copytree(root / "c32", out)
+    with open(out / "mean.npy", "r+b") as f:
+        f.truncate(os.path.getsize(out / "mean.npy") - 10)
+    with pytest.raises(data.DataError, match=r"mean\.npy is damaged .*python data\.py cache"):
+        data.LatentCache(out)
+    with open(out / "mean.npy", "ab") as f:
+        f.write(b"\0" * 11)
+    with pytest.raises(data.DataError, match=r"mean\.npy is damaged"):
+        data.LatentCache(out)
+    shutil.copy(root / "c32" / "mean.npy", out / "mean.npy")
+    data.LatentCache(out)
+    os.remove(out / "chunks" / "000003.json")
+    with pytest.raises(data.DataError, match="misses the marker .*000003.json; delete its complete.json"):
+        data.LatentCache(out)
+    # the message's repair works: delete the marker and complete.json, rerun the build
+    out = tmp_path / "garbage"
+    os.remove(out / "chunks" / "000002.json")
+    os.remove(out / "complete.json")
+    root, common = setup
+    assert data.build_cache(out=str(out), dtype="float32", **common)["encoded_chunks"] == [2]
+    for a, b in zip(_arrays(out), _arrays(root / "c32")):
+        np.testing.assert_array_equal(a, b)
+    data.verify_cache(out)
 
 
 def _gloo_worker(rank, world, port, out, common):
