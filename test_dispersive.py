@@ -1,5 +1,6 @@
-"""Tests of dispersive.py against closed forms, float64 loop recomputations, finite differences and the
-official code's pdist formula. Run: python -m pytest -q test_dispersive.py"""
+"""Tests of dispersive.py against closed forms, float64 loop recomputations, finite differences, the official
+code's pdist formula, and `capture` on a DiT-layout network that is not ours (hand-run forward, bf16 autocast,
+2-process gloo DDP). Run: python -m pytest -q test_dispersive.py"""
 
 import math
 import os
@@ -8,9 +9,11 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
 
-from dispersive import VARIANTS, DispersiveConfig, contrastive_loss, dispersive_loss
+from dispersive import VARIANTS, DispersiveConfig, capture, contrastive_loss, dispersive_loss
 
 SHAPES = [(2, 1, 1), (3, 7), (5, 3, 4), (8, 16, 8), (6, 2, 3, 4)]
 
@@ -214,9 +217,145 @@ def test_autocast_cpu_bf16_stays_float32():
     assert c.item() == pytest.approx(contrastive_loss(z, z + 0.1).item(), rel=1e-6)
 
 
-# ----------------------------------------------------------------------------- gather (2 processes, gloo)
+# ----------------------------------------------------------------------------- capture, on a network not ours
 
-def _gather_worker(rank, world, init_file, out_dir):
+def modulate(x, shift, scale):
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+class Block(nn.Module):
+    """A DiT block as in the official models.py (adaLN conditioning), in plain torch."""
+
+    def __init__(self, width, heads):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.attn = nn.MultiheadAttention(width, heads, batch_first=True)
+        self.norm2 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(approximate="tanh"), nn.Linear(4 * width, width))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))
+
+    def forward(self, x, c):
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=1)
+        h = modulate(self.norm1(x), shift1, scale1)
+        x = x + gate1.unsqueeze(1) * self.attn(h, h, h, need_weights=False)[0]
+        return x + gate2.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift2, scale2))
+
+
+class TinyDiT(nn.Module):
+    """The official DiT models.py layout (x_embedder, t_embedder, y_embedder, blocks, final_layer), timm-free:
+    another project's network, with the plain contract model(x, t, y) and no return_features."""
+
+    def __init__(self, size=8, patch=2, channels=4, width=32, depth=4, heads=2, classes=10):
+        super().__init__()
+        self.patch, self.channels = patch, channels
+        self.x_embedder = nn.Conv2d(channels, width, patch, stride=patch)
+        self.t_embedder = nn.Sequential(nn.Linear(16, width), nn.SiLU(), nn.Linear(width, width))
+        self.y_embedder = nn.Embedding(classes + 1, width)
+        self.register_buffer("pos_embed", torch.randn(1, (size // patch) ** 2, width))
+        self.blocks = nn.ModuleList(Block(width, heads) for _ in range(depth))
+        self.final_layer = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, patch * patch * channels))
+
+    def embed(self, x, t, y):
+        freqs = torch.exp(-math.log(10000) * torch.arange(8, dtype=x.dtype) / 8)
+        c = self.t_embedder(torch.cat([torch.cos(t[:, None] * freqs), torch.sin(t[:, None] * freqs)], 1))
+        return self.x_embedder(x).flatten(2).transpose(1, 2) + self.pos_embed, c + self.y_embedder(y)  # (N, T, D)
+
+    def forward(self, x, t, y):
+        h, c = self.embed(x, t, y)
+        for block in self.blocks:
+            h = block(h, c)
+        n, side, p = len(x), x.shape[-1] // self.patch, self.patch
+        out = self.final_layer(h).reshape(n, side, side, p, p, self.channels)
+        return out.permute(0, 5, 1, 3, 2, 4).reshape(x.shape)  # unpatchify: (N, C, H, W)
+
+
+def tiny_dit(dtype=torch.float32):
+    torch.manual_seed(0)  # PyTorch's default init, not adaLN-Zero: every parameter gets a gradient at once
+    return TinyDiT().to(dtype)
+
+
+def dit_batch(dtype=torch.float32, n=6):
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(n, 4, 8, 8, generator=g, dtype=dtype), torch.rand(n, generator=g, dtype=dtype) * 1000, \
+        torch.randint(0, 10, (n,), generator=g)
+
+
+def block_output_by_hand(model, x, t, y, k):
+    """The output of model.blocks[k - 1], computed without any hook."""
+    h, c = model.embed(x, t, y)
+    for block in model.blocks[:k]:
+        h = block(h, c)
+    return h
+
+
+UP_TO_BLOCK_2 = ("x_embedder.", "t_embedder.", "y_embedder.", "blocks.0.", "blocks.1.")
+
+
+def test_capture_is_the_block_output_and_its_gradient_stops_there():
+    model = tiny_dit()
+    x, t, y = dit_batch()
+    with capture(model, "blocks.1") as feats:  # block 2 of 4 (1-based), as return_features=2 would be
+        out = model(x, t, y)
+        model(x.flip(0), t, y)  # a second call in the same block: a second entry
+    ref = block_output_by_hand(model, x, t, y, 2)
+    assert len(feats) == 2 and torch.equal(feats[0], ref) and out.shape == x.shape
+    assert torch.equal(feats[1], block_output_by_hand(model, x.flip(0), t, y, 2))
+    names, params = zip(*model.named_parameters())
+    grads = torch.autograd.grad(dispersive_loss(feats[0]), params, allow_unused=True)
+    ref_grads = torch.autograd.grad(dispersive_loss(ref), params, allow_unused=True)
+    for name, g, r in zip(names, grads, ref_grads):
+        if name.startswith(UP_TO_BLOCK_2):  # everything up to the captured block, and only that
+            assert g is not None and g.abs().sum() > 0, name
+            torch.testing.assert_close(g, r, rtol=1e-6, atol=1e-9)
+        else:
+            assert g is None and r is None, name
+
+
+def test_capture_under_bf16_autocast_cpu():
+    model = tiny_dit()
+    x, t, y = dit_batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with capture(model, "blocks.1") as feats, capture(model, "blocks.1.mlp") as mlp:
+            model(x, t, y)
+        losses = dispersive_loss(feats[0]), dispersive_loss(mlp[0])
+        ref = block_output_by_hand(model, x, t, y, 2)
+    # the residual stream stays float32 (pos_embed is), the MLP's output is bf16, as in the official DiT
+    assert torch.equal(feats[0], ref) and mlp[0].dtype == torch.bfloat16
+    for loss, z in zip(losses, (feats[0], mlp[0])):
+        assert loss.dtype == torch.float32
+        assert loss.item() == dispersive_loss(z.float()).item()  # float32 from the same values: no bf16 matmul
+    assert losses[0].item() == pytest.approx(dispersive_loss(block_output_by_hand(model, x, t, y, 2)).item(), rel=5e-2)
+    names, params = zip(*model.named_parameters())
+    for name, g in zip(names, torch.autograd.grad(losses[0], params, allow_unused=True)):
+        assert (g is not None and torch.isfinite(g).all() and g.abs().sum() > 0) == name.startswith(UP_TO_BLOCK_2), name
+
+
+def test_capture_removes_its_hook():
+    model = tiny_dit()
+    x, t, y = dit_batch()
+    hooks = lambda: sum(len(m._forward_hooks) for m in model.modules())  # noqa: E731
+    with capture(model, "blocks.3") as feats:
+        model(x, t, y)
+    assert hooks() == 0
+    model(x, t, y)
+    assert len(feats) == 1  # nothing recorded after the block
+    with pytest.raises(KeyError):  # an exception inside the block still removes the hook
+        with capture(model, "blocks.3"):
+            model(x, t, y)
+            raise KeyError("inside")
+    assert hooks() == 0
+    with pytest.raises(RuntimeError, match="'blocks' did not run in the with block"):  # a ModuleList is not called
+        with capture(model, "blocks"):
+            model(x, t, y)
+    assert hooks() == 0
+    with pytest.raises(AttributeError, match="no attribute `9`"):
+        with capture(model, "blocks.9"):
+            pass
+
+
+# ----------------------------------------------------------------------------- 2 processes, gloo
+
+def _dist_worker(rank, world, init_file, out_dir):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     torch.manual_seed(0)
@@ -230,17 +369,32 @@ def _gather_worker(rank, world, init_file, out_dir):
         res[v] = (loss.detach(), z.grad)
     res["local"] = dispersive_loss(local, gather=False)
     res["bf16"] = dispersive_loss(z_global.float().bfloat16().chunk(world)[rank], gather=True)
+    # capture inside DDP's forward: each rank's loss on its own part of the batch, gradients averaged by DDP
+    model = tiny_dit(torch.float64)
+    ddp = DDP(model)
+    x, t, y = (a.chunk(world)[rank] for a in dit_batch(torch.float64))
+    with capture(ddp, "module.blocks.1") as feats:
+        out = ddp(x, t, y)
+    (F.mse_loss(out, x) + 0.5 * dispersive_loss(feats[0])).backward()
+    res["ddp_grads"] = [p.grad for p in model.parameters()]
+    res["ddp_hooks"] = len(model.blocks[1]._forward_hooks)
     torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
 
-def test_gather_two_process_gloo(tmp_path):
-    world = 2
-    mp.spawn(_gather_worker, args=(world, str(tmp_path / "init"), str(tmp_path)), nprocs=world, join=True)
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    """The results of _dist_worker on each rank of one real 2-process gloo group (spawned once for both tests)."""
+    tmp = tmp_path_factory.mktemp("gloo")
+    mp.spawn(_dist_worker, args=(2, str(tmp / "init"), str(tmp)), nprocs=2, join=True)
+    return [torch.load(tmp / f"rank{rank}.pt", weights_only=True) for rank in range(2)]
+
+
+def test_gather_two_process_gloo(two_ranks):
+    world = len(two_ranks)
     torch.manual_seed(0)
     z_global = torch.randn(8, 3, 5, dtype=torch.float64)
-    for rank in range(world):
-        res = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+    for rank, res in enumerate(two_ranks):
         for v in VARIANTS:
             z = z_global.clone().requires_grad_(True)
             ref = dispersive_loss(z, v, **KW[v])
@@ -253,6 +407,22 @@ def test_gather_two_process_gloo(tmp_path):
         assert res["local"].item() == pytest.approx(naive_loss(local, "infonce_l2"), rel=1e-10)
         ref_bf16 = dispersive_loss(z_global.float().bfloat16())
         assert res["bf16"].dtype == torch.float32 and res["bf16"].item() == pytest.approx(ref_bf16.item(), rel=1e-6)
+
+
+def test_capture_inside_ddp_two_process_gloo(two_ranks):
+    # reference: one process, each rank's loss on its own part of the batch (per-device dispersive term), averaged
+    model = tiny_dit(torch.float64)
+    world = len(two_ranks)
+    loss = 0
+    for x, t, y in zip(*(a.chunk(world) for a in dit_batch(torch.float64))):
+        with capture(model, "blocks.1") as feats:
+            out = model(x, t, y)
+        loss = loss + (F.mse_loss(out, x) + 0.5 * dispersive_loss(feats[0])) / world
+    loss.backward()
+    for res in two_ranks:
+        assert res["ddp_hooks"] == 0
+        for (name, p), g in zip(model.named_parameters(), res["ddp_grads"]):
+            torch.testing.assert_close(g, p.grad, rtol=1e-9, atol=1e-12, msg=name)
 
 
 def test_gather_without_process_group_is_local():
@@ -321,17 +491,17 @@ def test_config_loss():
 # ----------------------------------------------------------------------------- errors
 
 @pytest.mark.parametrize("call, match", [
-    (lambda: dispersive_loss(torch.randn(5)), "batch dimension"),
-    (lambda: dispersive_loss(torch.randn(1, 4)), "at least 2 rows"),
-    (lambda: dispersive_loss(torch.randn(4, 0)), "no features"),
-    (lambda: dispersive_loss(torch.ones(4, 3, dtype=torch.long)), "floating-point"),
+    (lambda: dispersive_loss(torch.randn(5)), r"z must be a float tensor of B >= 2 rows of features, got .* \(5,\)"),
+    (lambda: dispersive_loss(torch.randn(1, 4)), r"B >= 2 rows .* \(1, 4\)"),
+    (lambda: dispersive_loss(torch.randn(4, 0)), r"rows of features, got torch.float32 \(4, 0\)"),
+    (lambda: dispersive_loss(torch.ones(4, 3, dtype=torch.long)), "float tensor .* got torch.int64"),
     (lambda: dispersive_loss(torch.randn(4, 3), "l2"), "unknown dispersive variant"),
     (lambda: dispersive_loss(torch.randn(4, 3), tau=0.0), "tau must be > 0"),
     (lambda: dispersive_loss(torch.randn(4, 3), tau=-1.0), "tau must be > 0"),
     (lambda: dispersive_loss(torch.randn(4, 3), "hinge", margin=-1.0), "margin"),
     (lambda: contrastive_loss(torch.randn(4, 3), torch.randn(5, 3)), "same shape"),
     (lambda: contrastive_loss(torch.randn(4, 3), torch.randn(4, 2)), "same shape"),
-    (lambda: contrastive_loss(torch.randn(1, 3), torch.randn(1, 3)), "at least 2 rows"),
+    (lambda: contrastive_loss(torch.randn(1, 3), torch.randn(1, 3)), "z1 must be a float tensor of B >= 2 rows"),
     (lambda: contrastive_loss(torch.randn(4, 3), torch.randn(4, 3), tau=0), "tau must be > 0"),
     (lambda: DispersiveConfig(variant="cos"), "unknown dispersive variant"),
     (lambda: DispersiveConfig(tau=0), "tau must be > 0"),
