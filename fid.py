@@ -1,55 +1,29 @@
 """
-FID, sFID, Inception Score and precision/recall of generated images, in one file (torch, numpy, scipy, pillow).
+FID, sFID, Inception Score and precision/recall of generated images (torch, numpy, scipy, pillow).
 
-The network is the "FID Inception" (the TensorFlow 2015-12-05 graph as ported by pytorch-fid), written out
-below with pytorch-fid's exact state-dict layout, so its released weights load as they are:
-pt_inception-2015-12-05-6726825d.pth, downloaded once into ~/.cache/dispersive/ (or $XDG_CACHE_HOME) and
-checked against the sha256 prefix in its name; pass --weights to use a local copy instead.
-
-Two preprocessings (--mode), which give different numbers; only compare numbers of the same mode:
-    pytorch-fid  (default) uint8 -> [0, 1] -> bilinear resize to 299 (align_corners=False, no antialias) -> 2x - 1,
-                 as `python -m pytorch_fid`.
-    tf           the ADM evaluator's TF graph (guided-diffusion/evaluations/evaluator.py, which the DiT and SiT
-                 papers report): float [0, 255] -> TF1 bilinear resize (no half-pixel centres) ->
-                 (x - 128) / 128. Use it against ADM's reference batches such as VIRTUAL_imagenet256_labeled.npz.
-
-Metrics, as ADM's evaluator defines them: FID on pool3 (2048-d), sFID on the first 7 channels of
-Mixed_6d.branch1x1 (17x17x7 = 2023-d), Inception Score from softmax(pool3 @ fc.weight^T) (no bias) over 10
-splits, precision/recall with k = 3 nearest-neighbour balls on pool3.
+The network is pytorch-fid's port of the TF 2015-12-05 Inception with its weights (torch.hub's cache, where
+pytorch-fid keeps them too). Two preprocessings, never mixed: --mode pytorch-fid (default) as
+`python -m pytorch_fid`, --mode tf as ADM's evaluator (the DiT/SiT papers' numbers). Metrics as ADM defines them.
 
     python fid.py samples.npz VIRTUAL_imagenet256_labeled.npz --mode tf     # IS, FID, sFID, precision, recall
     python fid.py samples/ ref_stats.npz --metrics fid --json               # a folder of images vs saved statistics
     python fid.py ref_images.npz --save-stats ref_stats.npz                 # statistics for later runs
-    python fid.py samples.npz ref.npz --weights /data/pt_inception-2015-12-05-6726825d.pth   # no download
 
-Inputs: an .npz with `arr_0` uint8 (N, H, W, 3) (ADM's format; read in batches, never whole), a folder of
-images (searched recursively), or a statistics .npz with `mu, sigma` (and `mu_s, sigma_s`); a statistics file
-that also holds `arr_0` images (ADM's reference batches) uses its stored statistics for FID/sFID and its
-images for precision/recall, as ADM does.
-
-Python API (bench.py and notebooks):
-    model = load_inception(weights=None, device="cuda")
-    feats = extract_features(images_uint8_nhwc, model, mode="tf")     # dict: pool3, logits, logits_unbiased, spatial
-    mu, sigma = compute_statistics(feats["pool3"])
-    frechet_distance(mu, sigma, mu_ref, sigma_ref)     # eigenvalue form; frechet_distance_sqrtm is the reference
-    inception_score(feats["logits_unbiased"]); precision_recall(ref_feats["pool3"], feats["pool3"])
+Inputs, samples first: an .npz with arr_0 uint8 (N, H, W, 3) (ADM's format, streamed), a folder of images, or
+statistics (mu, sigma: pytorch-fid's keys; + mu_s, sigma_s: ADM's reference batches).
 """
 
 import argparse
 import hashlib
 import json
 import os
-import queue
-import shutil
 import sys
-import threading
-import time
-import urllib.error
-import urllib.request
 import warnings
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from functools import cache, partial
+from itertools import groupby
 
 import numpy as np
 import scipy.linalg
@@ -58,18 +32,21 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
-               "pt_inception-2015-12-05-6726825d.pth")
-WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
-WEIGHTS_SHA256_PREFIX = "6726825d"  # torch.hub convention: the file name carries the first 8 hex digits of its sha256
+from dit import Progress, default_device, load_url
+
+WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"  # torch.hub's convention: name ends in its sha256 prefix
+WEIGHTS_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + WEIGHTS_NAME
+WEIGHTS_SHA256_PREFIX = "6726825d"
 OFFICIAL_NETWORK_ID = "pt_inception-2015-12-05-6726825d"
-CACHE_FOLDER = "dispersive"
 MODES = ("pytorch-fid", "tf")
-METRICS = ("fid", "sfid", "is", "pr")
-FEATURES = ("pool3", "logits", "logits_unbiased", "spatial")
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm")
-RESOLUTION = 299
+# metric: (the features it needs from an input, unless that input stores these statistics)
+METRICS = {"fid": ("pool3", "mu"), "sfid": ("spatial", "mu_s"), "is": ("logits_unbiased", None), "pr": ("pool3", None)}
 SPATIAL_CHANNELS = 7  # ADM keeps mixed_6/conv[..., :7]: 17 * 17 * 7 = 2023 sFID features
+DIMS = {"pool3": 2048, "logits": 1008, "logits_unbiased": 1008, "spatial": 17 * 17 * SPATIAL_CHANNELS}
+SUGGESTED_BY_KEYS = {  # statistics files without a mode: what their keys tell
+    "tf": "its keys (mu, sigma, mu_s, sigma_s) are ADM's reference-batch layout, computed with the TF graph",
+    "pytorch-fid": "mu/sigma alone is pytorch-fid's statistics format, computed with pytorch-fid's preprocessing"}
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm")
 
 
 class FIDError(ValueError):
@@ -88,9 +65,8 @@ class BasicConv2d(nn.Module):
         return F.relu(self.bn(self.conv(x)))
 
 
-def _avg_pool_tf(x):
-    # TF's 3x3 average pool divides by the number of real (unpadded) pixels; torchvision's counts the zeros
-    return F.avg_pool2d(x, kernel_size=3, stride=1, padding=1, count_include_pad=False)
+# TF's 3x3 average pool divides by the number of real (unpadded) pixels; torchvision's counts the zeros
+_avg_pool_tf = partial(F.avg_pool2d, kernel_size=3, stride=1, padding=1, count_include_pad=False)
 
 
 class InceptionA(nn.Module):  # Mixed_5b, 5c, 5d
@@ -105,11 +81,9 @@ class InceptionA(nn.Module):  # Mixed_5b, 5c, 5d
         self.branch_pool = BasicConv2d(in_channels, pool_features, kernel_size=1)
 
     def forward(self, x):
-        b1 = self.branch1x1(x)
         b5 = self.branch5x5_2(self.branch5x5_1(x))
         b3 = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
-        bp = self.branch_pool(_avg_pool_tf(x))
-        return torch.cat([b1, b5, b3, bp], 1)
+        return torch.cat([self.branch1x1(x), b5, b3, self.branch_pool(_avg_pool_tf(x))], 1)
 
 
 class InceptionB(nn.Module):  # Mixed_6a: 35x35 -> 17x17
@@ -121,10 +95,8 @@ class InceptionB(nn.Module):  # Mixed_6a: 35x35 -> 17x17
         self.branch3x3dbl_3 = BasicConv2d(96, 96, kernel_size=3, stride=2)
 
     def forward(self, x):
-        b3 = self.branch3x3(x)
         bd = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
-        bp = F.max_pool2d(x, kernel_size=3, stride=2)
-        return torch.cat([b3, bd, bp], 1)
+        return torch.cat([self.branch3x3(x), bd, F.max_pool2d(x, kernel_size=3, stride=2)], 1)
 
 
 class InceptionC(nn.Module):  # Mixed_6b..6e
@@ -145,10 +117,8 @@ class InceptionC(nn.Module):  # Mixed_6b..6e
     def forward(self, x, return_branch1x1=False):
         b1 = self.branch1x1(x)
         b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
-        bd = self.branch7x7dbl_1(x)
-        bd = self.branch7x7dbl_5(self.branch7x7dbl_4(self.branch7x7dbl_3(self.branch7x7dbl_2(bd))))
-        bp = self.branch_pool(_avg_pool_tf(x))
-        out = torch.cat([b1, b7, bd, bp], 1)
+        bd = self.branch7x7dbl_5(self.branch7x7dbl_4(self.branch7x7dbl_3(self.branch7x7dbl_2(self.branch7x7dbl_1(x)))))
+        out = torch.cat([b1, b7, bd, self.branch_pool(_avg_pool_tf(x))], 1)
         return (out, b1) if return_branch1x1 else out
 
 
@@ -165,8 +135,7 @@ class InceptionD(nn.Module):  # Mixed_7a: 17x17 -> 8x8
     def forward(self, x):
         b3 = self.branch3x3_2(self.branch3x3_1(x))
         b7 = self.branch7x7x3_4(self.branch7x7x3_3(self.branch7x7x3_2(self.branch7x7x3_1(x))))
-        bp = F.max_pool2d(x, kernel_size=3, stride=2)
-        return torch.cat([b3, b7, bp], 1)
+        return torch.cat([b3, b7, F.max_pool2d(x, kernel_size=3, stride=2)], 1)
 
 
 class InceptionE(nn.Module):  # Mixed_7b (avg pool), Mixed_7c (max pool)
@@ -184,18 +153,12 @@ class InceptionE(nn.Module):  # Mixed_7b (avg pool), Mixed_7c (max pool)
         self.branch_pool = BasicConv2d(in_channels, 192, kernel_size=1)
 
     def forward(self, x):
-        b1 = self.branch1x1(x)
         b3 = self.branch3x3_1(x)
-        b3 = torch.cat([self.branch3x3_2a(b3), self.branch3x3_2b(b3)], 1)
         bd = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
-        bd = torch.cat([self.branch3x3dbl_3a(bd), self.branch3x3dbl_3b(bd)], 1)
-        if self.pool == "max":
-            # important! the TF graph has a max pool in its last block (mixed_10), unlike the Inception paper
-            pooled = F.max_pool2d(x, kernel_size=3, stride=1, padding=1)
-        else:
-            pooled = _avg_pool_tf(x)
-        bp = self.branch_pool(pooled)
-        return torch.cat([b1, b3, bd, bp], 1)
+        # important! the TF graph has a max pool in its last block (mixed_10), unlike the Inception paper
+        pooled = F.max_pool2d(x, 3, stride=1, padding=1) if self.pool == "max" else _avg_pool_tf(x)
+        return torch.cat([self.branch1x1(x), self.branch3x3_2a(b3), self.branch3x3_2b(b3), self.branch3x3dbl_3a(bd),
+                          self.branch3x3dbl_3b(bd), self.branch_pool(pooled)], 1)
 
 
 class FIDInception(nn.Module):
@@ -240,127 +203,79 @@ class FIDInception(nn.Module):
         return (pool3, spatial) if return_spatial else pool3
 
 
-# ----------------------------------------------------------------------------- weights
+def load_inception(weights=None, device="cpu"):
+    """The FID Inception in eval mode on `device`.
 
-def default_weights_path():
-    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(cache, CACHE_FOLDER, WEIGHTS_NAME)
+    weights: None (pytorch-fid's release from torch.hub's cache, downloaded there once), a .pth path or a state
+    dict. `model.network_id` names the weights, so statistics of other weights are refused.
+    """
+    state_dict, official = (weights, False) if isinstance(weights, dict) else _read_weights(weights)
+    if not isinstance(state_dict, dict):
+        raise FIDError(f"the weights must be a state dict, got {type(state_dict).__name__}; use {WEIGHTS_NAME}")
+    with torch.device("meta"):  # no random init of 24M parameters that are overwritten right away
+        model = FIDInception()
+    expected = model.state_dict()
+    state_dict = {**{k: torch.zeros((), dtype=torch.long) for k in expected if k.endswith("num_batches_tracked")},
+                  **state_dict}  # some weight files omit the BatchNorm counters, which eval mode never reads
+    bad = {"missing keys": [k for k in expected if k not in state_dict],
+           "unexpected keys": [k for k in state_dict if k not in expected],
+           "keys of another shape": [k for k in expected if k in state_dict
+                                     and tuple(state_dict[k].shape) != tuple(expected[k].shape)]}
+    if any(bad.values()):
+        bad = "; ".join(f"{len(keys)} {what}, e.g. {keys[:2]}" for what, keys in bad.items())
+        raise FIDError(f"these weights are not the FID Inception's ({bad}); use pytorch-fid's {WEIGHTS_NAME}")
+    model.load_state_dict(state_dict, strict=True, assign=True)
+    model.network_id = OFFICIAL_NETWORK_ID if official else _state_dict_id(state_dict)
+    return model.float().eval().requires_grad_(False).to(device)
+
+
+def _read_weights(path=None):
+    """(state dict, is it pytorch-fid's release?) of a .pth file; None: torch.hub's copy, downloaded once."""
+    cached = path is None
+    path = os.path.join(torch.hub.get_dir(), "checkpoints", WEIGHTS_NAME) if cached else os.fspath(path)
+    if not cached and not os.path.isfile(path):
+        raise FIDError(f"weights file {path} not found; pass --weights /path/to/{WEIGHTS_NAME}, or leave --weights out")
+    official = os.path.isfile(path) and _sha256(path).startswith(WEIGHTS_SHA256_PREFIX)
+    if os.path.isfile(path) and os.path.basename(path) == WEIGHTS_NAME and not official:
+        raise FIDError(f"{path} is corrupt (its sha256 does not start with {WEIGHTS_SHA256_PREFIX}); delete it and "
+                       f"download {WEIGHTS_URL} again, or pass --weights /path/to/{WEIGHTS_NAME}")
+    try:
+        if cached:  # torch.hub checks the sha256 prefix of what it downloads
+            return load_url(WEIGHTS_URL, check_hash=True), True
+        return torch.load(path, map_location="cpu", weights_only=True), official
+    except Exception as e:  # offline, a truncated file, an HTML error page saved as .pth, a pickle of another kind
+        raise FIDError(f"{e}; or pass --weights /path/to/{WEIGHTS_NAME}" if cached else
+                       f"cannot read the weights file {path} ({type(e).__name__}: {e}); download {WEIGHTS_URL} "
+                       f"and pass --weights /path/to/{WEIGHTS_NAME}") from e
 
 
 def _sha256(path):
     h = hashlib.sha256()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
+        while chunk := f.read(1 << 20):
             h.update(chunk)
     return h.hexdigest()
 
 
-def _by_hand(path):
-    return (f"download {WEIGHTS_URL} by hand (e.g. `curl -L -o {path} {WEIGHTS_URL}`) and place it at {path}, "
-            f"or pass --weights /path/to/{WEIGHTS_NAME}")
-
-
-def download_weights(path=None, url=WEIGHTS_URL):
-    """Path of the verified weight file, downloading it once (atomically: a temp file renamed into place)."""
-    path = path or default_weights_path()
-    if os.path.exists(path):
-        digest = _sha256(path)
-        if not digest.startswith(WEIGHTS_SHA256_PREFIX):
-            raise FIDError(f"{path} is corrupt (sha256 {digest[:8]}..., expected {WEIGHTS_SHA256_PREFIX}...); "
-                           f"delete it to download again, or {_by_hand(path)}")
-        return path
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    print(f"fid: downloading the FID Inception weights from {url} to {path}", file=sys.stderr)
-    try:
-        with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as f:
-            shutil.copyfileobj(response, f, 1 << 20)
-    except (OSError, urllib.error.URLError) as e:  # no network, HTTP error, disk full
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise FIDError(f"could not download the FID Inception weights ({e}); {_by_hand(path)}") from e
-    digest = _sha256(tmp)
-    if not digest.startswith(WEIGHTS_SHA256_PREFIX):
-        os.remove(tmp)
-        raise FIDError(f"the downloaded weights are corrupt (sha256 {digest[:8]}..., expected "
-                       f"{WEIGHTS_SHA256_PREFIX}...); {_by_hand(path)}")
-    os.replace(tmp, path)
-    return path
-
-
 def _state_dict_id(state_dict):
-    """Content hash of the weights, the same whether or not the file stores num_batches_tracked."""
+    """Content hash of other weights, the same whether or not the file stores num_batches_tracked."""
     h = hashlib.sha256()
-    for k in sorted(state_dict):
-        if k.endswith("num_batches_tracked"):
-            continue
+    for k in sorted(k for k in state_dict if not k.endswith("num_batches_tracked")):
         h.update(k.encode())
         h.update(state_dict[k].detach().to("cpu", torch.float32).contiguous().reshape(-1).numpy())
     return "custom-" + h.hexdigest()[:8]
 
 
-def load_inception(weights=None, device="cpu"):
-    """The FID Inception in eval mode on `device`.
-
-    weights: None (pytorch-fid's release, downloaded once into the cache folder), a path to a .pth state
-    dict, or a state dict. `model.network_id` names the weights, so statistics of other weights are refused.
-    """
-    if isinstance(weights, dict):
-        state_dict, network_id = weights, None
-    else:
-        path = download_weights() if weights is None else os.fspath(weights)
-        if not os.path.isfile(path):
-            raise FIDError(f"weights file {path} not found; pass --weights with the path of {WEIGHTS_NAME} "
-                           f"or leave --weights out to download it")
-        official = _sha256(path).startswith(WEIGHTS_SHA256_PREFIX)
-        if os.path.basename(path) == WEIGHTS_NAME and not official:
-            raise FIDError(f"{path} is corrupt (its sha256 does not start with {WEIGHTS_SHA256_PREFIX}); "
-                           f"{_by_hand(path)}")
-        try:
-            state_dict = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # truncated file, HTML error page saved as .pth, pickle of another kind
-            raise FIDError(f"cannot read the weights file {path} ({type(e).__name__}: {e}); {_by_hand(path)}") from e
-        network_id = OFFICIAL_NETWORK_ID if official else None
-    if not isinstance(state_dict, dict):
-        raise FIDError(f"the weights must be a state dict of tensors, got {type(state_dict).__name__}; "
-                       f"use pytorch-fid's {WEIGHTS_NAME}")
-    with torch.device("meta"):  # no random init of 24M parameters that are overwritten right away
-        model = FIDInception()
-    expected = model.state_dict()
-    state_dict = dict(state_dict)
-    for k in expected:  # some weight files omit the BatchNorm counters, which eval mode never reads
-        if k.endswith("num_batches_tracked") and k not in state_dict:
-            state_dict[k] = torch.zeros((), dtype=torch.long)
-    missing = [k for k in expected if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in expected]
-    wrong = [k for k in expected if k in state_dict and tuple(state_dict[k].shape) != tuple(expected[k].shape)]
-    if missing or unexpected or wrong:
-        raise FIDError(f"these weights are not the FID Inception's ({len(missing)} missing keys, e.g. {missing[:2]}; "
-                       f"{len(unexpected)} unexpected, e.g. {unexpected[:2]}; {len(wrong)} of another shape, "
-                       f"e.g. {wrong[:2]}); use pytorch-fid's {WEIGHTS_NAME}")
-    model.load_state_dict(state_dict, strict=True, assign=True)
-    model.network_id = network_id or _state_dict_id(state_dict)
-    return model.float().eval().requires_grad_(False).to(device)
-
-
 # ----------------------------------------------------------------------------- preprocessing
-
-def _tf1_source_index(in_size, out_size, device):
-    # TF1 ResizeBilinear, align_corners=False, half_pixel_centers=False: src = dst * (in / out), float32
-    scale = torch.tensor(in_size / out_size, dtype=torch.float32)
-    src = torch.arange(out_size, dtype=torch.float32) * scale
-    lo = src.floor()
-    lerp = src - lo
-    lo = lo.long().clamp(0, in_size - 1)
-    hi = (lo + 1).clamp(max=in_size - 1)
-    return lo.to(device), hi.to(device), lerp.to(device)
-
 
 def resize_bilinear_tf1(x, size):
     """(N, C, H, W) float -> (N, C, size, size), TF1's bilinear resize as in the graph ADM's evaluator runs."""
-    _, _, h, w = x.shape
-    y0, y1, ly = _tf1_source_index(h, size, x.device)
-    x0, x1, lx = _tf1_source_index(w, size, x.device)
+    def source_index(n):  # align_corners=False, half_pixel_centers=False: src = dst * (in / out), in float32
+        src = torch.arange(size, dtype=torch.float32) * torch.tensor(n / size, dtype=torch.float32)
+        lo = src.floor().long().clamp(0, n - 1)
+        return lo.to(x.device), (lo + 1).clamp(max=n - 1).to(x.device), (src - src.floor()).to(x.device)
+
+    (y0, y1, ly), (x0, x1, lx) = source_index(x.shape[2]), source_index(x.shape[3])
     top, bottom = x[:, :, y0], x[:, :, y1]           # (N, C, size, W)
     tl, tr, bl, br = top[..., x0], top[..., x1], bottom[..., x0], bottom[..., x1]  # (N, C, size, size)
     # the same operation order as TF's compute_lerp, so float32 rounding agrees too
@@ -373,118 +288,26 @@ def preprocess(images, mode="pytorch-fid"):
     """uint8 (N, H, W, 3) tensor -> float32 (N, 3, 299, 299) network input for the given mode."""
     x = images.permute(0, 3, 1, 2).float()  # (N, 3, H, W) in [0, 255]
     if mode == "pytorch-fid":
-        x = F.interpolate(x / 255, size=(RESOLUTION, RESOLUTION), mode="bilinear", align_corners=False,
-                          antialias=False)
-        return 2 * x - 1
-    if mode == "tf":
-        # at 299 this resize is the identity (src = dst), as in the TF graph
-        return (resize_bilinear_tf1(x, RESOLUTION) - 128) / 128
-    raise FIDError(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
+        return 2 * F.interpolate(x / 255, size=(299, 299), mode="bilinear", align_corners=False, antialias=False) - 1
+    assert mode == "tf", mode
+    return (resize_bilinear_tf1(x, 299) - 128) / 128  # at 299 the TF1 resize is the identity
 
 
-# ----------------------------------------------------------------------------- feature extraction
+# ----------------------------------------------------------------------------- features
 
-def check_images(images, name="images"):
+def check_images(shape, dtype, name="images"):
     """Refuse what is not a uint8 (N, H, W, 3) batch, naming the conversion that fixes it."""
-    _check_image_format(tuple(images.shape), images.dtype, name)
-
-
-def _check_image_format(shape, dtype, name):
-    dtype = str(dtype).replace("torch.", "")
-    if len(shape) != 4:
-        raise FIDError(f"{name} must be a batch of RGB images of shape (N, H, W, 3), got shape {shape}")
-    if shape[-1] != 3:
-        if shape[1] == 3:
-            raise FIDError(f"{name} has shape {shape}, which looks channels-first (NCHW); pass NHWC, "
-                           f"e.g. x.permute(0, 2, 3, 1) or x.transpose(0, 2, 3, 1)")
-        raise FIDError(f"{name} must have 3 (RGB) channels last, got shape {shape}; convert grayscale or RGBA to RGB")
+    shape, dtype = tuple(shape), str(dtype).replace("torch.", "")
+    if len(shape) != 4 or shape[-1] != 3:
+        fix = "pass NHWC, e.g. x.permute(0, 2, 3, 1)" if len(shape) == 4 and shape[1] == 3 else "convert to that"
+        raise FIDError(f"{name} must be a batch of RGB images of shape (N, H, W, 3), got shape {shape}; {fix}")
     if dtype != "uint8":
         raise FIDError(f"{name} must be uint8 in [0, 255], got {dtype}; convert samples in [-1, 1] with "
                        f"clamp(127.5 * x + 128, 0, 255) then uint8")
 
 
-class Progress:
-    """Count, rate and ETA on stderr, one line every `every` seconds and one at the end."""
-
-    def __init__(self, total, label, enabled=True, every=10.0):
-        self.total, self.label, self.enabled, self.every = total, label, enabled, every
-        self.done, self.start = 0, time.time()
-        self.last = self.start
-
-    def update(self, n):
-        self.done += n
-        now = time.time()
-        if self.enabled and now - self.last >= self.every and self.done != self.total:
-            self.last = now
-            rate = self.done / max(now - self.start, 1e-9)
-            of, eta = "", ""
-            if self.total:
-                left = int((self.total - self.done) / max(rate, 1e-9))
-                of, eta = f"/{self.total}", f" | eta {left // 3600}:{left // 60 % 60:02d}:{left % 60:02d}"
-            print(f"fid: {self.label} {self.done}{of} images | {rate:.1f} img/s{eta}", file=sys.stderr, flush=True)
-
-    def close(self):
-        if self.enabled:
-            elapsed = time.time() - self.start
-            rate = self.done / max(elapsed, 1e-9)
-            print(f"fid: {self.label} {self.done} images in {elapsed:.1f} s ({rate:.1f} img/s)",
-                  file=sys.stderr, flush=True)
-
-
-@contextmanager
-def full_float32():
-    """TF32 convolutions move Inception features by ~1e-3 relative; parity with the references needs float32."""
-    try:
-        saved = ("legacy", torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    except RuntimeError:  # the process set TF32 through the newer fp32_precision API; mixing both APIs raises
-        saved = ("new", torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision)
-        torch.backends.cuda.matmul.fp32_precision = torch.backends.cudnn.conv.fp32_precision = "ieee"
-    try:
-        yield
-    finally:
-        if saved[0] == "legacy":
-            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved[1:]
-        else:
-            torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = saved[1:]
-
-
-def _prefetch(iterable, depth=2):
-    """Run the producer (file decoding, npz streaming) in a thread so it overlaps with the network."""
-    q, stop, end = queue.Queue(maxsize=depth), threading.Event(), object()
-
-    def put(item):
-        while not stop.is_set():
-            try:
-                return q.put(item, timeout=0.1)
-            except queue.Full:
-                pass
-
-    def produce():
-        try:
-            for item in iterable:
-                if stop.is_set():
-                    return
-                put(item)
-            put(end)
-        except BaseException as e:  # handed to the consumer, which re-raises it
-            put(e)
-
-    threading.Thread(target=produce, daemon=True).start()
-    try:
-        while True:
-            item = q.get()
-            if item is end:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:  # the consumer stopped (done, error or abandoned): let the producer finish too
-        stop.set()
-
-
 @torch.inference_mode()
-def extract_features(images, model, mode="pytorch-fid", batch_size=64, device=None, features=FEATURES,
+def extract_features(images, model, mode="pytorch-fid", batch_size=64, device=None, features=tuple(DIMS),
                      progress=False, total=None):
     """Inception features of uint8 NHWC images, as float32 numpy arrays.
 
@@ -493,64 +316,52 @@ def extract_features(images, model, mode="pytorch-fid", batch_size=64, device=No
       pool3 (N, 2048); logits (N, 1008) = fc(pool3) with bias; logits_unbiased (N, 1008) = pool3 @ fc.weight^T,
       the Inception Score's logits in ADM's evaluator; spatial (N, 2023) sFID features (mixed_6/conv[..., :7], NHWC).
     """
-    if mode not in MODES:
-        raise FIDError(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
-    unknown = set(features) - set(FEATURES)
-    if unknown:
-        raise ValueError(f"unknown features {sorted(unknown)}; choose from {FEATURES}")
+    if mode not in MODES or set(features) - set(DIMS):
+        raise FIDError(f"mode must be one of {MODES} and features from {tuple(DIMS)}; got {mode!r}, {list(features)}")
     device = torch.device(device) if device is not None else next(model.parameters()).device
     model.to(device)
     if isinstance(images, (np.ndarray, torch.Tensor)):
-        check_images(images)
-        total = len(images)
-        batches = (images[i:i + batch_size] for i in range(0, len(images), batch_size))
-    else:
-        batches = images
-        total = total if total is not None else (len(images) if hasattr(images, "__len__") else None)
-    dims = {"pool3": 2048, "logits": 1008, "logits_unbiased": 1008, "spatial": 17 * 17 * SPATIAL_CHANNELS}
-    # preallocated when the count is known, so 50K images never hold a second copy during a concatenate
-    out = {k: np.empty((total, dims[k]), np.float32) if total else [] for k in features}
-    done = 0
-    bar = Progress(total, f"{mode} features", enabled=progress)
-    first = True
+        total, images = len(images), [images]
+    out, seen, bar = {k: [] for k in features}, 0, Progress(total, f"fid: {mode} features", enabled=progress)
     with full_float32():
-        for batch in batches:
-            check_images(batch)
+        for batch in images:
+            check_images(batch.shape, batch.dtype)
             for i in range(0, len(batch), batch_size):  # an iterator may yield batches larger than batch_size
                 chunk = batch[i:i + batch_size]
-                if isinstance(chunk, np.ndarray):
-                    chunk = torch.from_numpy(chunk if chunk.flags.writeable and chunk.flags.c_contiguous
-                                             else np.array(chunk))
-                x = chunk.to(device, non_blocking=True)
-                if first:
-                    first = False
-                    if x.numel() and int(x.max()) <= 1:
-                        warnings.warn("every pixel of the first batch is 0 or 1: images in [0, 1] were probably cast "
-                                      "to uint8 without multiplying by 255")
+                x = torch.as_tensor(np.array(chunk) if isinstance(chunk, np.ndarray) else chunk).to(device)
+                if seen == 0 and x.numel() and int(x.max()) <= 1:
+                    warnings.warn("every pixel of the first batch is 0 or 1: images in [0, 1] were probably cast "
+                                  "to uint8 without multiplying by 255")
                 pool3, spatial = model(preprocess(x, mode), return_spatial=True)
                 if not torch.isfinite(pool3).all():
-                    raise FIDError("the Inception network produced NaN/inf features; the weights are probably corrupt: "
-                                   f"delete {default_weights_path()} (or your --weights file) and fetch it again")
-                got = {"pool3": pool3}
-                if "logits_unbiased" in features:
-                    got["logits_unbiased"] = pool3 @ model.fc.weight.T
-                if "logits" in features:
-                    got["logits"] = model.fc(pool3)
-                if "spatial" in features:
-                    s = spatial[:, :SPATIAL_CHANNELS].permute(0, 2, 3, 1)  # (N, 17, 17, 7): TF's NHWC order
-                    got["spatial"] = s.reshape(len(s), -1)                 # (N, 2023)
+                    raise FIDError("the Inception network produced NaN/inf features, so its weights are corrupt: "
+                                   "delete them (torch.hub's cache or your --weights file) and fetch them again")
+                spatial = spatial[:, :SPATIAL_CHANNELS].permute(0, 2, 3, 1)  # (N, 17, 17, 7): TF's NHWC order
+                got = {"pool3": pool3, "logits": model.fc(pool3), "logits_unbiased": pool3 @ model.fc.weight.T,
+                       "spatial": spatial.reshape(len(x), -1)}         # (N, 2023)
                 for k in features:
-                    if isinstance(out[k], np.ndarray) and done + len(x) > len(out[k]):
-                        out[k] = [out[k][:done]]  # more images than announced: fall back to a list
-                    if isinstance(out[k], np.ndarray):
-                        out[k][done:done + len(x)] = got[k].cpu().numpy()
-                    else:
-                        out[k].append(got[k].cpu().numpy())
-                done += len(x)
+                    out[k].append(got[k].cpu().numpy())
+                seen += len(x)
                 bar.update(len(x))
     bar.close()
-    return {k: v[:done] if isinstance(v, np.ndarray) else np.concatenate(v or [np.zeros((0, dims[k]), np.float32)])
-            for k, v in out.items()}
+    return {k: np.concatenate(v) if v else np.zeros((0, DIMS[k]), np.float32) for k, v in out.items()}
+
+
+@contextmanager
+def full_float32():
+    """TF32 moves Inception features by ~1e-3 relative; parity with the references needs full float32."""
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    # torch >= 2.9 has a newer API, and its legacy flags raise once that one was used
+    flags = ([(matmul, "fp32_precision", "ieee"), (cudnn.conv, "fp32_precision", "ieee")]
+             if hasattr(matmul, "fp32_precision") else [(matmul, "allow_tf32", False), (cudnn, "allow_tf32", False)])
+    saved = [(obj, name, getattr(obj, name)) for obj, name, _ in flags]
+    try:
+        for obj, name, value in flags:
+            setattr(obj, name, value)
+        yield
+    finally:
+        for obj, name, value in saved:
+            setattr(obj, name, value)
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -559,11 +370,9 @@ def compute_statistics(features, chunk=8192):
     """Mean and covariance (np.cov(rowvar=False) convention, divisor N - 1) in float64, in row chunks so the
     float64 copy of 50K x 2048 features is never made at once."""
     features = np.asarray(features)
-    if features.ndim != 2:
-        raise FIDError(f"features must be (N, D), got shape {features.shape}")
+    if features.ndim != 2 or len(features) < 2:
+        raise FIDError(f"a covariance needs (N, D) features of at least 2 images, got shape {features.shape}")
     n, d = features.shape
-    if n < 2:
-        raise FIDError(f"a covariance needs at least 2 images, got {n}; FID wants 50,000 (at least {d + 1})")
     if not all(np.isfinite(features[i:i + chunk]).all() for i in range(0, n, chunk)):
         raise FIDError("the features contain NaN/inf; check the images and the Inception weights")
     if n <= d:
@@ -577,15 +386,27 @@ def compute_statistics(features, chunk=8192):
     return mu, sigma / (n - 1)
 
 
+def check_covariance(sigma, name="sigma"):
+    """sigma in float64 if it is a covariance: square, finite, symmetric and positive-semidefinite up to round-off."""
+    s = np.atleast_2d(np.asarray(sigma, np.float64))
+    why = ("not square" if s.ndim != 2 or s.shape[0] != s.shape[1] else "NaN/inf" if not np.isfinite(s).all()
+           else "not symmetric" if np.abs(s - s.T).max() > 1e-6 * np.abs(s).max() else None)
+    shift = (1e-6 * max(np.trace(s), 0) + 1e-300) * np.eye(len(s))  # forgives round-off below zero
+    if why is None and torch.linalg.cholesky_ex(torch.from_numpy(s + shift)).info:  # fails iff not positive definite
+        why = "not positive-semidefinite"
+    if why:
+        raise FIDError(f"{name} is not a covariance matrix ({why}); recompute the statistics")
+    return s
+
+
 def _check_statistics(mu1, sigma1, mu2, sigma2):
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
-    sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+    if not (np.isfinite(mu1).all() and np.isfinite(mu2).all()):
+        raise FIDError("mu1 or mu2 contains NaN/inf; recompute the statistics")
+    sigma1, sigma2 = check_covariance(sigma1, "sigma1"), check_covariance(sigma2, "sigma2")
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != (len(mu1), len(mu1)):
         raise FIDError(f"statistics of different dimensions: mu {mu1.shape} vs {mu2.shape}, sigma {sigma1.shape} vs "
                        f"{sigma2.shape}; compute both with the same network and features")
-    for name, a in (("mu1", mu1), ("sigma1", sigma1), ("mu2", mu2), ("sigma2", sigma2)):
-        if not np.isfinite(a).all():
-            raise FIDError(f"{name} contains NaN/inf; recompute the statistics")
     return mu1, sigma1, mu2, sigma2
 
 
@@ -641,8 +462,7 @@ def inception_score(logits, splits=10):
     """
     logits = np.asarray(logits, dtype=np.float64)
     if logits.ndim != 2 or len(logits) < splits or splits < 1:
-        raise FIDError(f"the Inception Score needs at least `splits` = {splits} images (N, classes), got shape "
-                       f"{logits.shape}; lower --is-splits or use more images (50,000 is standard)")
+        raise FIDError(f"the Inception Score needs (N, classes) logits with N >= splits = {splits}, got {logits.shape}")
     if not np.isfinite(logits).all():
         raise FIDError("the logits contain NaN/inf; check the images and the Inception weights")
     scores = []
@@ -666,7 +486,6 @@ def knn_radii(features, k=3, batch_size=10000):
     n = len(features)
     if n <= k:
         raise FIDError(f"precision/recall with k = {k} needs more than {k} images per set, got {n}")
-    batch_size = max(batch_size, k + 1)
     radii = torch.empty(n, dtype=features.dtype, device=features.device)
     for i in range(0, n, batch_size):
         rows, best = features[i:i + batch_size], None
@@ -687,18 +506,14 @@ def precision_recall(ref_features, sample_features, k=3, batch_size=10000, devic
     precision: fraction of samples inside at least one reference ball; recall: fraction of reference points
     inside at least one sample ball. Distances in (batch_size x batch_size) blocks, never all pairs at once.
     """
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    ref = torch.as_tensor(np.asarray(ref_features), dtype=torch.float32, device=device)
-    sam = torch.as_tensor(np.asarray(sample_features), dtype=torch.float32, device=device)
+    device = device or default_device()
+    ref, sam = (torch.as_tensor(np.asarray(f, np.float32), device=device) for f in (ref_features, sample_features))
     if ref.ndim != 2 or sam.ndim != 2 or ref.shape[1] != sam.shape[1]:
-        raise FIDError(f"reference and sample features must be (N, D) with the same D, got {tuple(ref.shape)} and "
-                       f"{tuple(sam.shape)}")
+        raise FIDError(f"features must be (N, D) with the same D, got {tuple(ref.shape)} and {tuple(sam.shape)}")
     batch_size = max(batch_size, k + 1)
     with full_float32():
         r_ref, r_sam = knn_radii(ref, k, batch_size), knn_radii(sam, k, batch_size)
-        sample_in = torch.zeros(len(sam), dtype=torch.bool, device=device)
-        ref_in = torch.zeros(len(ref), dtype=torch.bool, device=device)
+        sample_in, ref_in = (torch.zeros(len(x), dtype=torch.bool, device=device) for x in (sam, ref))
         for i in range(0, len(ref), batch_size):
             for j in range(0, len(sam), batch_size):
                 d = _squared_distances(ref[i:i + batch_size], sam[j:j + batch_size])  # (refs, samples)
@@ -709,10 +524,91 @@ def precision_recall(ref_features, sample_features, k=3, batch_size=10000, devic
 
 # ----------------------------------------------------------------------------- inputs and statistics files
 
+class Source:
+    """One positional input: images (an npz's arr_0 or a folder) and/or statistics (mu, sigma, mu_s, sigma_s)."""
+
+    def __init__(self, path):
+        self.path, self.files, self.stats, self.meta, self.num_images = path, None, {}, {}, 0
+        if os.path.isdir(path):
+            self.files = _list_images(path)
+            if not self.files:
+                raise FIDError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {path}")
+            self.num_images = len(self.files)
+        elif not (os.path.isfile(path) and path.endswith(".npz")):
+            raise FIDError(f"{path} {'is not an .npz' if os.path.exists(path) else 'does not exist'}; give an .npz "
+                           f"(arr_0 uint8 NHWC images, or mu/sigma statistics) or a folder of images")
+        else:
+            self._read_npz()
+
+    def _read_npz(self):
+        try:
+            with np.load(self.path) as npz:
+                keys = set(npz.files)
+                self.stats = {k: npz[k].astype(np.float64) for k in ("mu", "sigma", "mu_s", "sigma_s") if k in keys}
+                self.meta = {k: str(npz[k]) for k in ("mode", "network") if k in keys}
+        except Exception as e:
+            raise FIDError(f"cannot read {self.path} as .npz ({type(e).__name__}: {e})") from e
+        for mu, sigma in (("mu", "sigma"), ("mu_s", "sigma_s")):
+            if (mu in self.stats) != (sigma in self.stats):
+                raise FIDError(f"{self.path} holds only half of a statistics pair ({mu}/{sigma}); write it again")
+            if sigma in self.stats:
+                check_covariance(self.stats[sigma], f"{sigma} of {self.path}")
+        if "arr_0" in keys:
+            with zipfile.ZipFile(self.path) as z, z.open("arr_0.npy") as f:
+                shape, _, dtype = _npy_header(f)
+            check_images(shape, dtype, f"arr_0 of {self.path}")
+            self.num_images = shape[0]
+        elif not self.stats:
+            raise FIDError(f"{self.path} holds neither images (arr_0) nor statistics (mu, sigma)")
+
+    def take(self, limit):
+        """Keep the first `limit` images only."""
+        if self.num_images and limit > self.num_images:
+            raise FIDError(f"{self.path} has {self.num_images} images, fewer than --num-samples {limit}")
+        self.num_images, self.files = min(limit, self.num_images), self.files and self.files[:limit]
+
+    def batches(self, batch_size, num_workers):
+        return (_folder_batches(self.files, batch_size, num_workers) if self.files else
+                _npz_batches(self.path, "arr_0", batch_size, self.num_images))
+
+    def origin(self):
+        """(path, mode, network, stated) for check_compatible; a mode the file does not state is read from its keys."""
+        keys_say = "tf" if "mu_s" in self.stats else "pytorch-fid"
+        return self.path, self.meta.get("mode", keys_say), self.meta.get("network"), "mode" in self.meta
+
+    def describe(self):
+        parts = [f"{self.num_images} images"] * bool(self.num_images) + [f"stored {k}" for k in self.stats if "mu" in k]
+        return f"{self.path} ({', '.join(parts + [f'{k} {v}' for k, v in self.meta.items()])})"
+
+
+def _npy_header(f):
+    """(shape, fortran_order, dtype) of the .npy stream f (format 3.0 has 2.0's header layout)."""
+    major, _ = np.lib.format.read_magic(f)
+    return (np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0)(f)
+
+
+def _npz_batches(path, key, batch_size, limit):
+    """Stream `key` of an npz in batches (a 50K x 256 x 256 x 3 arr_0 is 9.8 GB), as ADM's evaluator does."""
+    with zipfile.ZipFile(path) as z, z.open(key + ".npy") as f:
+        shape, fortran_order, dtype = _npy_header(f)
+        if fortran_order:  # rare: read the whole array
+            arr = np.load(path)[key][:limit]
+            yield from (arr[i:i + batch_size] for i in range(0, len(arr), batch_size))
+            return
+        for i in range(0, limit, batch_size):
+            batch = np.empty((min(batch_size, limit - i), *shape[1:]), dtype)
+            view, got = memoryview(batch).cast("B"), 0
+            while got < len(view):
+                n = f.readinto(view[got:])
+                if not n:
+                    raise FIDError(f"{path} is truncated (it ends in image {i + got // batch[0].nbytes}); rewrite it")
+                got += n
+            yield batch
+
+
 def _list_images(folder):
-    files = []
-    for root, _, names in os.walk(folder, followlinks=True):
-        files += [os.path.join(root, f) for f in names if f.lower().endswith(IMAGE_EXTENSIONS)]
+    files = [os.path.join(root, f) for root, _, names in os.walk(folder, followlinks=True) for f in names
+             if f.lower().endswith(IMAGE_EXTENSIONS)]
     return sorted(files, key=lambda f: os.path.relpath(f, folder).split(os.sep))
 
 
@@ -726,123 +622,23 @@ def _load_rgb(path):
 
 
 def _folder_batches(files, batch_size, num_workers):
-    """uint8 NHWC batches of the files in order; a batch is cut where the image size changes."""
+    """uint8 NHWC batches of the files in order, decoded by num_workers threads; cut where the image size changes."""
     with ThreadPoolExecutor(max(1, num_workers)) as pool:
         for i in range(0, len(files), batch_size):
-            images = list(pool.map(_load_rgb, files[i:i + batch_size]))
-            start = 0
-            for j in range(1, len(images) + 1):
-                if j == len(images) or images[j].shape != images[start].shape:
-                    yield np.stack(images[start:j])
-                    start = j
-
-
-def _npy_header(f):
-    version = np.lib.format.read_magic(f)
-    if version == (1, 0):
-        return np.lib.format.read_array_header_1_0(f)
-    if version == (2, 0):
-        return np.lib.format.read_array_header_2_0(f)
-    return None
-
-
-def _npz_batches(path, key, batch_size, limit):
-    """Stream `key` of an npz in batches (a 50K x 256 x 256 x 3 arr_0 is 9.8 GB), as ADM's evaluator does."""
-    with zipfile.ZipFile(path) as z, z.open(key + ".npy") as f:
-        header = _npy_header(f)
-        if header is None or header[1] or header[2].hasobject:  # rare layouts: load the whole array
-            arr = np.load(path)[key][:limit]
-            for i in range(0, len(arr), batch_size):
-                yield arr[i:i + batch_size]
-            return
-        shape, _, dtype = header
-        for i in range(0, limit, batch_size):
-            batch = np.empty((min(batch_size, limit - i), *shape[1:]), dtype)
-            view, got = memoryview(batch).cast("B"), 0
-            while got < len(view):
-                n = f.readinto(view[got:])
-                if not n:
-                    raise FIDError(f"{path} is truncated ({key} ends before image {i + got // batch[0].nbytes}); "
-                                   f"write it again")
-                got += n
-            yield batch
-
-
-class Source:
-    """One positional input: images (npz arr_0 or a folder) and/or stored statistics (mu, sigma, mu_s, sigma_s)."""
-
-    def __init__(self, path, limit=None):
-        self.path, self.files, self.stats, self.meta, self.num_images = path, None, {}, {}, 0
-        if os.path.isdir(path):
-            self.files = _list_images(path)
-            if not self.files:
-                raise FIDError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {path}")
-            self.num_images = len(self.files)
-        elif not os.path.exists(path):
-            raise FIDError(f"{path} does not exist; give an .npz (arr_0 images or mu/sigma statistics) or a folder")
-        elif path.endswith(".npz"):
-            try:
-                npz = np.load(path)
-            except Exception as e:
-                raise FIDError(f"cannot read {path} as .npz ({type(e).__name__}: {e})") from e
-            with npz:
-                keys = set(npz.files)
-                for k in ("mu", "sigma", "mu_s", "sigma_s"):
-                    if k in keys:
-                        self.stats[k] = np.asarray(npz[k], np.float64)
-                for k in ("mode", "network"):
-                    if k in keys:
-                        self.meta[k] = str(npz[k])
-            if ("mu" in self.stats) != ("sigma" in self.stats) or ("mu_s" in self.stats) != ("sigma_s" in self.stats):
-                raise FIDError(f"{path} holds only half of a statistics pair (mu/sigma, mu_s/sigma_s); write it again")
-            if "arr_0" in keys:
-                with zipfile.ZipFile(path) as z, z.open("arr_0.npy") as f:
-                    header = _npy_header(f)
-                if header is None:
-                    arr = np.load(path)["arr_0"]
-                    header = (arr.shape, False, arr.dtype)
-                shape, _, dtype = header
-                _check_image_format(tuple(shape), dtype, f"arr_0 of {path}")
-                self.num_images = shape[0]
-            elif not self.stats:
-                raise FIDError(f"{path} holds neither images (arr_0) nor statistics (mu, sigma)")
-        else:
-            raise FIDError(f"{path}: expected an .npz (arr_0 uint8 NHWC images, or mu/sigma statistics) or a folder")
-        if limit is not None and self.num_images:
-            if limit > self.num_images:
-                raise FIDError(f"{path} has {self.num_images} images, fewer than --num-samples {limit}")
-            self.num_images = limit
-            self.files = self.files[:limit] if self.files else None
-
-    def batches(self, batch_size, num_workers):
-        if self.files:
-            return _folder_batches(self.files, batch_size, num_workers)
-        return _npz_batches(self.path, "arr_0", batch_size, self.num_images)
-
-    def describe(self):
-        parts = []
-        if self.stats:
-            pairs = [p for p in ("mu/sigma", "mu_s/sigma_s") if p.split("/")[0] in self.stats]
-            parts.append("stored " + ", ".join(pairs))
-            parts.append(f"mode {self.meta.get('mode', 'unknown')}, network {self.meta.get('network', 'unknown')}")
-        if self.num_images:
-            parts.append(f"{self.num_images} images")
-        return f"{self.path} ({'; '.join(parts)})"
+            for _, same_size in groupby(pool.map(_load_rgb, files[i:i + batch_size]), key=lambda image: image.shape):
+                yield np.stack(list(same_size))
 
 
 def save_statistics(path, mu, sigma, mu_s=None, sigma_s=None, mode=None, network=None, num_images=None):
-    """ADM's reference-batch keys (mu, sigma, mu_s, sigma_s) plus mode/network, so mismatches are caught later."""
-    arrays = {"mu": mu, "sigma": sigma}
-    if mu_s is not None:
-        arrays.update(mu_s=mu_s, sigma_s=sigma_s)
-    for k, v in (("mode", mode), ("network", network), ("num_images", num_images)):
-        if v is not None:
-            arrays[k] = np.array(v)  # strings as numpy unicode: no pickle needed to read them back
+    """ADM's reference-batch keys (mu, sigma, mu_s, sigma_s) plus mode/network, so mismatches are caught later.
+    Returns the path written: ".npz" is appended when missing, as numpy (and so pytorch-fid) does."""
+    path = path if path.endswith(".npz") else path + ".npz"
+    arrays = dict(mu=mu, sigma=sigma, mu_s=mu_s, sigma_s=sigma_s, mode=mode, network=network, num_images=num_images)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "wb") as f:  # a file object, so numpy does not append .npz to the temp name
-        np.savez(f, **arrays)
-    os.replace(tmp, path)
+    with open(f"{path}.{os.getpid()}.tmp", "wb") as f:  # a file object, so numpy does not append .npz to its name
+        np.savez(f, **{k: np.asarray(v) for k, v in arrays.items() if v is not None})  # strings: no pickle needed
+    os.replace(f.name, path)
+    return path
 
 
 def load_statistics(path):
@@ -853,179 +649,150 @@ def load_statistics(path):
     return {**src.stats, **src.meta}
 
 
-def check_compatible(origins, warn=True):
-    """origins: (label, mode, network) of every set of statistics or features compared; None = unknown."""
-    known = [o for o in origins if o[1] is not None]
-    for label, mode, network in known[1:]:
-        if mode != known[0][1]:
-            raise FIDError(f"{label} was computed with --mode {mode} but {known[0][0]} with --mode {known[0][1]}; "
-                           f"use the same --mode for both (rerun with --mode {mode}, or recompute the statistics)")
-    networks = [o for o in origins if o[2] is not None]
-    for label, _, network in networks[1:]:
-        if network != networks[0][2]:
-            raise FIDError(f"{label} comes from network {network} but {networks[0][0]} from {networks[0][2]}; "
-                           f"use the same Inception weights (--weights) for both")
-    for label, mode, _ in origins if warn else []:
-        if mode is None and any(o[1] not in (None, "tf") for o in origins):
-            warnings.warn(f"{label} does not say which preprocessing made it; ADM's reference batches used the TF "
-                          f"graph (--mode tf), so numbers against it in another mode are not comparable")
+def check_compatible(origins):
+    """origins: (label, mode, network, stated) of each set compared (network None: unknown). Stated modes (images,
+    files that say theirs) and known networks must agree; a mode only suggested by a file's keys gets a warning."""
+    for i, what in ((1, "--mode"), (2, "Inception weights (--weights)")):
+        known = [(o[0], o[i]) for o in origins if o[i] is not None and (i == 2 or o[3])]
+        for label, value in known[1:]:
+            if value != known[0][1]:
+                raise FIDError(f"{label} was computed with {what} {value} but {known[0][0]} with {known[0][1]}; use "
+                               f"the same {what} for both (rerun, or recompute the statistics)")
+    mode = next((o[1] for o in origins if o[3]), origins[0][1] if origins else None)
+    for label, guess, _, stated in origins:
+        if not stated and guess != mode:
+            warnings.warn(f"{label} does not say its mode; {SUGGESTED_BY_KEYS[guess]} (--mode {guess}), so numbers "
+                          f"against it in --mode {mode} are not comparable")
 
 
 # ----------------------------------------------------------------------------- command line
 
-def default_device():
-    if torch.cuda.is_available():
-        return "cuda"
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
+def _count(text):
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return int(text)
+
+
+def _dims(text):
+    if text != "2048":
+        raise argparse.ArgumentTypeError(f"only 2048 (pool3, pytorch-fid's default) is supported, got {text}; drop it")
+    return 2048
+
+
+def _metrics(text):
+    metrics = [m.strip() for m in text.split(",") if m.strip()]
+    if not metrics or set(metrics) - set(METRICS):
+        raise argparse.ArgumentTypeError(f"expected names from {','.join(METRICS)}, got {text!r}")
+    return metrics
 
 
 def parse_args(argv=None):
-    examples = [line for line in __doc__.splitlines() if line.strip().startswith("python fid.py")]
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="examples:\n" + "\n".join(examples))
-    p.add_argument("samples", help="generated images: .npz with arr_0 uint8 (N, H, W, 3), a folder of images, "
-                                   "or a statistics .npz (mu, sigma)")
-    p.add_argument("ref", nargs="?", default=None,
-                   help="reference: the same kinds; ADM's reference batches hold statistics and 10K images (arr_0)")
-    p.add_argument("--mode", choices=MODES, default="pytorch-fid",
-                   help="preprocessing: pytorch-fid (default) or tf (ADM's evaluator, used by the DiT/SiT papers)")
-    p.add_argument("--metrics", default=None,
-                   help="comma-separated from fid,sfid,is,pr (default: all that the inputs allow)")
-    p.add_argument("--weights", default=None,
-                   help=f"local {WEIGHTS_NAME} (default: downloaded once to {default_weights_path()})")
-    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (ADM: 64)")
-    p.add_argument("--device", default=None, help="cuda, mps or cpu (default: autodetect cuda > mps > cpu)")
-    p.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1),
-                   help="threads decoding image files of a folder")
-    p.add_argument("--num-samples", type=int, default=None,
-                   help="use only the first N sample images (default: all; 50,000 is standard)")
-    p.add_argument("--is-splits", type=int, default=10, help="Inception Score splits (ADM: 10 of 5,000 images)")
-    p.add_argument("--pr-k", type=int, default=3, help="k of the nearest-neighbour balls of precision/recall (ADM: 3)")
-    p.add_argument("--pr-batch-size", type=int, default=10000,
-                   help="rows and columns of one distance block for precision/recall (memory vs speed; ADM: 10000)")
-    p.add_argument("--save-stats", default=None,
-                   help="write the samples' statistics (mu, sigma, mu_s, sigma_s, mode, network) to this .npz")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("samples", nargs="?", help="generated images: an .npz (arr_0 uint8 NHWC), a folder, or statistics")
+    p.add_argument("ref", nargs="?", help="reference: the same kinds (ADM's order, reference first, is swapped)")
+    p.add_argument("--mode", choices=MODES, default="pytorch-fid", help="pytorch-fid, or tf: ADM's evaluator (papers)")
+    p.add_argument("--metrics", type=_metrics, help="comma-separated from fid,sfid,is,pr (default: all that apply)")
+    p.add_argument("--weights", help=f"local {WEIGHTS_NAME} (default: torch.hub's cache, downloaded once)")
+    p.add_argument("--dims", type=_dims, default=2048, help="pytorch-fid's flag; 2048 (pool3) is the only choice")
+    p.add_argument("--batch-size", type=_count, default=64, help="images per forward pass (ADM: 64)")
+    p.add_argument("--device", help="cuda, mps or cpu (default: autodetect cuda > mps > cpu)")
+    p.add_argument("--num-workers", type=_count, default=min(8, os.cpu_count() or 1), help="image decoding threads")
+    p.add_argument("--num-samples", type=_count, help="use the first N sample images only (default: all)")
+    p.add_argument("--is-splits", type=_count, default=10, help="Inception Score splits (ADM: 10 of 5,000 images)")
+    p.add_argument("--pr-k", type=_count, default=3, help="k of the precision/recall neighbour balls (ADM: 3)")
+    p.add_argument("--pr-batch-size", type=_count, default=10000, help="precision/recall distance block (ADM: 10000)")
+    p.add_argument("--save-stats", nargs="+", metavar="PATH", help="OUT: write the samples' statistics there (.npz); "
+                                                                    "IN OUT: pytorch-fid's form")
     p.add_argument("--json", action="store_true", help="print the settings and results as one JSON object")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.save_stats and len(args.save_stats) == 2 and not args.samples:  # pytorch-fid: --save-stats IN OUT
+        args.samples = args.save_stats.pop(0)
+        if os.path.exists(args.save_stats[0]) or os.path.exists(args.save_stats[0] + ".npz"):
+            p.error(f"{args.save_stats[0]} exists, and pytorch-fid's --save-stats IN OUT never overwrites; delete it, "
+                    f"or write `python fid.py IMAGES --save-stats OUT`")
+    if args.save_stats and len(args.save_stats) != 1:
+        p.error("--save-stats takes OUT (with the images as first argument), or IN OUT as in pytorch-fid")
+    args.save_stats = args.save_stats and args.save_stats[0]
+    if not args.samples:
+        p.error("give the samples: an .npz, a folder of images or a statistics .npz")
+    return args
+
+
+def _adm_order(samples, ref):
+    """ADM's evaluator takes `ref_batch sample_batch`: statistics (ADM's arr_0 + mu_s batches too) first and plain
+    images second are swapped, with a notice."""
+    if ref is None or not samples.stats or ref.stats or not ref.num_images:
+        return samples, ref
+    print(f"fid: {samples.path} holds reference statistics and {ref.path} images only, ADM's order (ref_batch "
+          f"sample_batch); evaluating as `python fid.py {ref.path} {samples.path}`", file=sys.stderr)
+    return ref, samples
 
 
 def _plan(args, samples, ref):
-    """Which metrics to compute and which features each input must extract."""
-    requested = None if args.metrics is None else [m.strip() for m in args.metrics.split(",") if m.strip()]
-    for m in requested or []:
-        if m not in METRICS:
-            raise FIDError(f"unknown metric {m!r} in --metrics; choose from {','.join(METRICS)}")
-    if requested is not None and any(m in requested for m in ("fid", "sfid", "pr")) and ref is None:
+    """(metrics, skipped metrics with why, {source: features to extract})."""
+    if ref is None and set(args.metrics or []) & {"fid", "sfid", "pr"}:
         raise FIDError("FID, sFID and precision/recall need a reference (second positional argument)")
-    if requested is not None:
-        candidates = requested
-    elif ref is not None:
-        candidates = list(METRICS)
-    else:  # samples alone: the Inception Score, unless only statistics are being written
-        candidates = [] if args.save_stats else ["is"]
-    need = {"samples": set(), "ref": set()}
-    metrics, skipped = [], []
-    for m in candidates:
-        want = {}
-        if m == "fid":
-            want = {"samples": set() if "mu" in samples.stats else {"pool3"},
-                    "ref": set() if "mu" in ref.stats else {"pool3"}}
-        elif m == "sfid":
-            want = {"samples": set() if "mu_s" in samples.stats else {"spatial"},
-                    "ref": set() if "mu_s" in ref.stats else {"spatial"}}
-        elif m == "is":
-            want = {"samples": {"logits_unbiased"}}
-        elif m == "pr":
-            want = {"samples": {"pool3"}, "ref": {"pool3"}}
-        why = [f"{src.path} has no images" for role, src in (("samples", samples), ("ref", ref))
-               if want.get(role) and not src.num_images]
-        if why:
-            if requested is not None:
-                raise FIDError(f"cannot compute {m}: {why[0]}; give images, or drop {m} from --metrics")
-            skipped.append(f"{m} ({why[0]})")
+    metrics, skipped, need = [], [], {samples: set(), ref: set()}
+    for m in args.metrics or (list(METRICS) if ref else [] if args.save_stats else ["is"]):
+        feature, stored = METRICS[m]  # the feature it needs from each input without these stored statistics
+        want = [samples] if m == "is" else [src for src in (samples, ref) if stored not in src.stats]
+        lacking = next((f"{src.path} has no images" for src in want if not src.num_images), None)
+        if lacking and args.metrics:
+            raise FIDError(f"cannot compute {m}: {lacking}; give images, or drop {m} from --metrics")
+        if lacking:
+            skipped.append(f"{m} ({lacking})")
             continue
         metrics.append(m)
-        for role, feats in want.items():
-            need[role] |= feats
+        for src in want:
+            need[src].add(feature)
     if "is" in metrics and samples.num_images < args.is_splits:
-        raise FIDError(f"the Inception Score over {args.is_splits} splits needs at least {args.is_splits} images, "
-                       f"got {samples.num_images}; lower --is-splits")
-    if args.save_stats:
-        if not samples.num_images:
-            raise FIDError(f"--save-stats needs images, but {samples.path} holds only statistics")
-        need["samples"] |= {"pool3", "spatial"}
+        raise FIDError(f"--is-splits {args.is_splits} needs as many images, got {samples.num_images}; lower it")
+    if args.save_stats and not samples.num_images:
+        raise FIDError(f"--save-stats needs images, but {samples.path} holds only statistics")
+    need[samples] |= {"pool3", "spatial"} if args.save_stats else set()
     return metrics, skipped, need
 
 
 def run(args):
-    for flag in ("batch_size", "is_splits", "pr_k", "pr_batch_size", "num_samples", "num_workers"):
-        if getattr(args, flag) is not None and getattr(args, flag) < 1:
-            raise FIDError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
-    samples = Source(args.samples, limit=args.num_samples)
-    ref = Source(args.ref) if args.ref else None
+    samples, ref = _adm_order(Source(args.samples), Source(args.ref) if args.ref else None)
+    samples.take(args.num_samples or samples.num_images)
     metrics, skipped, need = _plan(args, samples, ref)
-
-    def origins(network):
-        out = []
-        for label, src, role in (("sample", samples, "samples"), ("reference", ref, "ref")):
-            if src is not None and need[role]:
-                out.append((f"the {label} images", args.mode, network))
-            if src is not None and src.stats:
-                out.append((src.path, src.meta.get("mode"), src.meta.get("network")))
-        return out
-
-    needs_model = bool(need["samples"] or need["ref"])
-    check_compatible(origins(None), warn=not needs_model)  # before hours of feature extraction
     device = args.device or default_device()
-    model = None
-    if needs_model:
-        model = load_inception(args.weights, device)
-        check_compatible(origins(model.network_id))
-    settings = {"mode": args.mode, "network": model.network_id if model else None, "device": str(device),
-                "batch_size": args.batch_size, "samples": samples.describe(),
-                "ref": ref.describe() if ref else None, "metrics": metrics, "skipped": skipped,
-                "is_splits": args.is_splits, "pr_k": args.pr_k}
+    model = load_inception(args.weights, device) if any(need.values()) else None
+    network = model.network_id if model else None
+    check_compatible([(f"the images of {src.path}", args.mode, network, True) for src in need if need[src]] +
+                     [src.origin() for src in (samples, ref) if src is not None and src.stats])
+    settings = {"mode": args.mode, "network": network, "device": str(device), "batch_size": args.batch_size,
+                "samples": samples.describe(), "ref": ref.describe() if ref else None, "metrics": metrics,
+                "skipped": skipped, "is_splits": args.is_splits, "pr_k": args.pr_k}
     if not args.json:
-        shown = {k: ",".join(v) if isinstance(v, list) else v for k, v in settings.items() if v not in (None, [])}
-        print("fid: " + " | ".join(f"{k} {v}" for k, v in shown.items()), flush=True)
+        print("fid: " + " | ".join(f"{k} {','.join(v) if isinstance(v, list) else v}" for k, v in settings.items()
+                                   if v not in (None, [])), flush=True)
+    feats = {src: extract_features(_prefetch(src.batches(args.batch_size, args.num_workers)), model, args.mode,
+                                   args.batch_size, device, sorted(features), progress=True, total=src.num_images)
+             for src, features in need.items() if features}
 
-    def features_of(src, feats):
-        if not feats:
-            return {}
-        return extract_features(_prefetch(src.batches(args.batch_size, args.num_workers)), model, args.mode,
-                                args.batch_size, device, features=sorted(feats), progress=True,
-                                total=src.num_images)
+    @cache
+    def computed(src, key):
+        return compute_statistics(feats[src][key])
 
-    computed = {}
+    def stats(src, key):
+        mu, sigma = ("mu", "sigma") if key == "pool3" else ("mu_s", "sigma_s")
+        return (src.stats[mu], src.stats[sigma]) if mu in src.stats else computed(src, key)
 
-    def stats_of(src, feats, key):
-        mu_key, sigma_key = ("mu", "sigma") if key == "pool3" else ("mu_s", "sigma_s")
-        if mu_key in src.stats:
-            return src.stats[mu_key], src.stats[sigma_key]
-        if (id(src), key) not in computed:
-            computed[id(src), key] = compute_statistics(feats[key])
-        return computed[id(src), key]
-
-    sample_feats = features_of(samples, need["samples"])
     results = {}
     if args.save_stats:
-        mu, sigma = computed[id(samples), "pool3"] = compute_statistics(sample_feats["pool3"])
-        mu_s, sigma_s = computed[id(samples), "spatial"] = compute_statistics(sample_feats["spatial"])
-        save_statistics(args.save_stats, mu, sigma, mu_s, sigma_s, args.mode, model.network_id, samples.num_images)
-        print(f"fid: saved statistics of {samples.num_images} images to {args.save_stats}", file=sys.stderr)
+        out = save_statistics(args.save_stats, *computed(samples, "pool3"), *computed(samples, "spatial"), args.mode,
+                              network, samples.num_images)
+        print(f"fid: saved statistics of {samples.num_images} images to {out}", file=sys.stderr)
     if "is" in metrics:
-        results["inception_score"] = inception_score(sample_feats["logits_unbiased"], args.is_splits)
-    ref_feats = features_of(ref, need["ref"]) if ref is not None else {}
+        results["inception_score"] = inception_score(feats[samples]["logits_unbiased"], args.is_splits)
     if "fid" in metrics:
-        results["fid"] = frechet_distance(*stats_of(samples, sample_feats, "pool3"), *stats_of(ref, ref_feats, "pool3"))
+        results["fid"] = frechet_distance(*stats(samples, "pool3"), *stats(ref, "pool3"))
     if "sfid" in metrics:
-        results["sfid"] = frechet_distance(*stats_of(samples, sample_feats, "spatial"),
-                                           *stats_of(ref, ref_feats, "spatial"))
+        results["sfid"] = frechet_distance(*stats(samples, "spatial"), *stats(ref, "spatial"))
     if "pr" in metrics:
-        results["precision"], results["recall"] = precision_recall(ref_feats["pool3"], sample_feats["pool3"],
+        results["precision"], results["recall"] = precision_recall(feats[ref]["pool3"], feats[samples]["pool3"],
                                                                    args.pr_k, args.pr_batch_size, device)
     return settings, results
 
@@ -1039,11 +806,23 @@ def main(argv=None):
     if args.json:
         print(json.dumps({"args": vars(args), "settings": settings, **results}))
     else:
-        names = {"inception_score": "Inception Score", "fid": "FID", "sfid": "sFID",
-                 "precision": "Precision", "recall": "Recall"}
+        names = {"inception_score": "Inception Score", "fid": "FID", "sfid": "sFID", "precision": "Precision",
+                 "recall": "Recall"}
         for k, v in results.items():
             print(f"{names[k]}: {v:.4f}")
     return results
+
+
+# --- Speed: reading and decoding the next batch overlaps with the network on this one --------------------------
+
+def _prefetch(iterable):
+    """Yield the items of `iterable`, producing the next one in a thread meanwhile."""
+    items = iter(iterable)
+    with ThreadPoolExecutor(1) as pool:
+        future = pool.submit(next, items, StopIteration)
+        while (item := future.result()) is not StopIteration:
+            future = pool.submit(next, items, StopIteration)
+            yield item
 
 
 if __name__ == "__main__":

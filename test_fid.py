@@ -1,15 +1,20 @@
 """
 Tests of fid.py. The network is checked against pytorch-fid's own InceptionV3 outputs
 (testdata/fid_inception_golden.pt, seeded random weights built from testdata/fid_inception_manifest.tsv),
-the metrics against float64 brute force and closed forms, the command line end to end, and the errors a
-user can cause. Nothing touches the network: downloads are monkeypatched.
+the metrics against float64 brute force and closed forms, the command line end to end (with files laid out
+as pytorch-fid and ADM's evaluator write them), and the errors a user can cause. Nothing touches the network:
+torch.hub's downloads are monkeypatched.
 """
 
+import email.message
 import hashlib
 import io
 import json
 import os
+import re
+import shutil
 import urllib.error
+import warnings
 
 import numpy as np
 import pytest
@@ -265,7 +270,8 @@ def test_npz_is_streamed_in_batches(tmp_path):
         batches = list(src.batches(batch_size=3, num_workers=1))
         assert [len(b) for b in batches] == [3, 3, 1]
         assert np.array_equal(np.concatenate(batches), images)
-        assert np.array_equal(np.concatenate(list(fid.Source(path, limit=5).batches(2, 1))), images[:5])
+        src.take(5)
+        assert np.array_equal(np.concatenate(list(src.batches(2, 1))), images[:5])
 
 
 def test_folder_is_read_recursively_in_order(tmp_path):
@@ -310,6 +316,15 @@ def test_save_stats_round_trip(golden, model, weights_file, tmp_path, capsys):
     assert str(saved["mode"]) == "pytorch-fid" and str(saved["network"]) == model.network_id
     assert int(saved["num_images"]) == 2
     assert load_back(fid.load_statistics(stats), saved)
+
+    # pytorch-fid's form, `--save-stats IN OUT` (numpy appends .npz), writes the same file; it never overwrites
+    with pytest.warns(UserWarning, match="singular"):
+        fid.main(["--save-stats", samples, str(tmp_path / "pt_form")] + common)
+    assert load_back(fid.load_statistics(str(tmp_path / "pt_form.npz")), saved)
+    for existing in (stats, stats[:-len(".npz")]):
+        with pytest.raises(SystemExit):
+            fid.main(["--save-stats", samples, existing] + common)
+        assert "exists" in capsys.readouterr().err
 
     # statistics of another mode or network are refused before any feature is extracted, naming the fix
     with pytest.raises(SystemExit, match="--mode pytorch-fid"):
@@ -415,41 +430,153 @@ def test_corrupt_weights_file(tmp_path):
         fid.load_inception(str(other))
 
 
-def test_download_failure_tells_how_to_place_the_file(tmp_path, monkeypatch):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    target = tmp_path / fid.CACHE_FOLDER / fid.WEIGHTS_NAME
-
-    def unreachable(url, timeout=None):
-        raise urllib.error.URLError("no route to host")
-
-    monkeypatch.setattr(fid.urllib.request, "urlopen", unreachable)
-    with pytest.raises(fid.FIDError, match="by hand") as e:
-        fid.load_inception(None)
-    assert str(target) in str(e.value) and fid.WEIGHTS_URL in str(e.value)
-    monkeypatch.setattr(fid.urllib.request, "urlopen", lambda url, timeout=None: io.BytesIO(b"<html>404</html>"))
-    with pytest.raises(fid.FIDError, match="corrupt"):
-        fid.download_weights()
-    assert os.listdir(target.parent) == []  # nothing half-written is left to be mistaken for the weights
-
-
-def test_download_is_atomic_and_cached(tmp_path, monkeypatch):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    payload = b"pretend these are the weights"
-    monkeypatch.setattr(fid, "WEIGHTS_SHA256_PREFIX", hashlib.sha256(payload).hexdigest()[:8])
-    monkeypatch.setattr(fid.urllib.request, "urlopen", lambda url, timeout=None: io.BytesIO(payload))
-    path = fid.download_weights()
-    assert path == fid.default_weights_path() and open(path, "rb").read() == payload
-    assert os.listdir(os.path.dirname(path)) == [fid.WEIGHTS_NAME]
-
-    def no_network(url, timeout=None):
-        raise AssertionError("downloaded again although the file is cached")
-
-    monkeypatch.setattr(fid.urllib.request, "urlopen", no_network)
-    assert fid.download_weights() == path
-
-
 def test_npz_without_images_or_statistics(tmp_path):
     path = str(tmp_path / "labels.npz")
     np.savez(path, arr_1=np.arange(3))
     with pytest.raises(SystemExit, match="neither images"):
         fid.main([path])
+
+
+# ----------------------------------------------------------------------------- habits of pytorch-fid and ADM users
+
+@pytest.fixture
+def hub_checkpoints(tmp_path, monkeypatch):
+    """torch.hub's cache under a temporary TORCH_HOME (pytorch-fid keeps its weights there), offline."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    assert torch.hub.get_dir() == str(tmp_path / "torch" / "hub")  # no torch.hub.set_dir in this process
+
+    def offline(url, dst, hash_prefix=None, progress=True):
+        raise urllib.error.URLError("no route to host")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    return tmp_path / "torch" / "hub" / "checkpoints"
+
+
+def test_weights_already_in_torch_hub_cache_are_used(golden, weights_file, hub_checkpoints, tmp_path, monkeypatch,
+                                                     capsys):
+    hub_checkpoints.mkdir(parents=True)
+    cached = hub_checkpoints / fid.WEIGHTS_NAME  # where `python -m pytorch_fid` downloaded it
+    shutil.copyfile(weights_file, cached)  # random weights, pytorch-fid's key layout
+    # random weights cannot have the release's sha256; their own prefix stands in for it
+    monkeypatch.setattr(fid, "WEIGHTS_SHA256_PREFIX", hashlib.sha256(cached.read_bytes()).hexdigest()[:8])
+    samples = str(tmp_path / "samples.npz")
+    np.savez(samples, arr_0=golden["images_2"][:2].numpy())
+    out = run_main([samples, "--metrics", "is", "--is-splits", "1", "--device", "cpu"], capsys)  # offline, no --weights
+    expected = inception_score_reference(golden["pt_logits_unbiased_2"][:2].numpy(), split_size=2)
+    assert abs(out["inception_score"] - expected) <= 1e-5 * expected
+    assert out["settings"]["network"] == fid.OFFICIAL_NETWORK_ID
+
+
+def test_missing_or_corrupt_weights_say_what_to_do(hub_checkpoints, monkeypatch):
+    target = hub_checkpoints / fid.WEIGHTS_NAME
+    with pytest.raises(fid.FIDError, match="--weights") as e:  # offline, nothing cached
+        fid.load_inception()
+    assert fid.WEIGHTS_URL in str(e.value) and str(target) in str(e.value)  # what to fetch, where to put it
+
+    class Response(io.BytesIO):  # a download that is not the weights (a rate-limit page)
+        def info(self):
+            return email.message.Message()
+
+    monkeypatch.undo()
+    monkeypatch.setenv("TORCH_HOME", str(target.parents[2]))
+    monkeypatch.setattr(torch.hub, "urlopen", lambda request: Response(b"<html>rate limited</html>"))
+    with pytest.raises(fid.FIDError, match="invalid hash"):  # torch.hub checks the name's sha256 prefix
+        fid.load_inception()
+    assert not target.exists()  # nothing half-written is left to be mistaken for the weights
+    target.write_bytes(b"<html>rate limited</html>")  # a damaged file in the cache
+    with pytest.raises(fid.FIDError, match="corrupt") as e:
+        fid.load_inception()
+    assert str(target) in str(e.value) and "--weights" in str(e.value)
+
+
+def test_adm_argument_order_is_swapped_with_a_notice(golden, weights_file, tmp_path, capsys):
+    rng = np.random.default_rng(12)
+    images, feats = golden["images_0"].numpy(), golden["tf_pool3_0"].double().numpy()
+    samples, ref = str(tmp_path / "samples.npz"), str(tmp_path / "VIRTUAL_ref.npz")
+    np.savez(samples, arr_0=images[[0, 2]], arr_1=np.arange(2))  # ADM's sample batch: images and labels
+    # ADM's reference batch layout: arr_0 images and float64 pool3/spatial statistics, no mode/network keys
+    np.savez(ref, arr_0=images[[0, 1]], mu=rng.standard_normal(2048), sigma=np.diag(rng.uniform(0.1, 1, 2048)),
+             mu_s=rng.standard_normal(2023), sigma_s=np.diag(rng.uniform(0.1, 1, 2023)))
+    assert fid._adm_order(fid.Source(samples), fid.Source(ref))[0].path == samples  # our order stays
+    fid.main([ref, samples, "--mode", "tf", "--metrics", "is,pr", "--is-splits", "1", "--pr-k", "1",
+              "--weights", weights_file, "--device", "cpu", "--json"])  # python evaluator.py ref_batch sample_batch
+    captured = capsys.readouterr()
+    out = json.loads(captured.out.strip().splitlines()[-1])
+    assert "ADM's order" in captured.err and f"python fid.py {samples} {ref}" in captured.err
+    assert out["settings"]["samples"].startswith(samples) and out["settings"]["ref"].startswith(ref)
+    # the Inception Score of the samples, not of the reference images
+    logits = golden["tf_logits_unbiased_0"].numpy()
+    expected = inception_score_reference(logits[[0, 2]], split_size=2)
+    assert abs(out["inception_score"] - expected) <= 1e-6 * expected
+    assert abs(inception_score_reference(logits[[0, 1]], split_size=2) - expected) > 5e-5 * expected
+    # precision and recall not swapped: brute force with k = 1 on the golden features gives 1.0 and 0.5
+    d_rr, d_ss, d_rs = (scipy.spatial.distance.cdist(feats[a], feats[b]) for a, b in
+                        (([0, 1], [0, 1]), ([0, 2], [0, 2]), ([0, 1], [0, 2])))
+    r_ref, r_sam = d_rr.max(1), d_ss.max(1)  # with two points, the other one is the nearest neighbour
+    precision, recall = (d_rs <= r_ref[:, None]).any(0).mean(), (d_rs <= r_sam[None, :]).any(1).mean()
+    assert (out["precision"], out["recall"]) == (precision, recall) == (1.0, 0.5)
+
+    # a statistics file first and images second is ADM's order too: IS of the images is computed, not refused
+    stats = str(tmp_path / "ref_stats.npz")
+    np.savez(stats, mu=np.zeros(2048), sigma=np.eye(2048))
+    common = ["--is-splits", "1", "--weights", weights_file, "--device", "cpu"]
+    out = run_main([stats, samples, "--metrics", "is"] + common, capsys)
+    expected = inception_score_reference(golden["pt_logits_unbiased_0"].numpy()[[0, 2]], split_size=2)
+    assert abs(out["inception_score"] - expected) <= 1e-6 * expected and out["settings"]["ref"].startswith(stats)
+
+
+def test_pytorch_fid_statistics_file(tmp_path, capsys):
+    rng = np.random.default_rng(13)
+    d = 12
+    mu1, mu2 = rng.standard_normal(d), rng.standard_normal(d)
+    s1, s2 = random_covariance(rng, d), random_covariance(rng, d)
+    pt = str(tmp_path / "pytorch_fid_stats.npz")
+    np.savez_compressed(pt, mu=mu2, sigma=s2)  # pytorch-fid's save_fid_stats: mu and sigma only
+    ours, ours_tf = str(tmp_path / "ours.npz"), str(tmp_path / "ours_tf.npz")
+    fid.save_statistics(ours, mu1, s1, mode="pytorch-fid", network="custom-12345678")
+    fid.save_statistics(ours_tf, mu1, s1, mode="tf", network="custom-12345678")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # same preprocessing as pytorch-fid: nothing to warn about
+        out = run_main([ours, pt, "--metrics", "fid"], capsys)
+    covmean = scipy.linalg.sqrtm(s1 @ s2).real
+    expected = (mu1 - mu2) @ (mu1 - mu2) + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean)
+    assert abs(out["fid"] - expected) <= 1e-6 * expected
+    with pytest.warns(UserWarning, match="pytorch-fid's statistics format") as record:  # warned, not refused
+        assert run_main([ours_tf, pt, "--metrics", "fid"], capsys)["fid"] == out["fid"]
+    assert "ADM" not in str(record[0].message) and "--mode pytorch-fid" in str(record[0].message)
+
+
+def test_refuses_statistics_that_are_not_a_covariance(tmp_path):
+    d = 8
+    good = str(tmp_path / "good.npz")
+    fid.save_statistics(good, np.zeros(d), np.eye(d))
+    indefinite = np.diag([1.0] * (d - 1) + [-0.5])
+    for name, sigma, why in [("minus_identity", -np.eye(d), "positive-semidefinite"),
+                             ("indefinite", indefinite, "positive-semidefinite"),
+                             ("asymmetric", np.eye(d) + np.triu(np.ones((d, d)), 1), "symmetric")]:
+        path = str(tmp_path / f"{name}.npz")
+        np.savez(path, mu=np.zeros(d), sigma=sigma)
+        with pytest.raises(SystemExit, match=re.escape(f"sigma of {path}") + f".*not {why}"):
+            fid.main([good, path, "--metrics", "fid"])
+    with pytest.raises(fid.FIDError, match="positive-semidefinite"):  # the library refuses it too (was FID 0.0)
+        fid.frechet_distance(np.zeros(d), -np.eye(d), np.zeros(d), -np.eye(d))
+    # covariances that are PSD up to round-off pass: fewer images than dimensions, stored in float64 or float32
+    s = np.cov(np.random.default_rng(14).standard_normal((20, 48)), rowvar=False)
+    for stored in (s, s.astype(np.float32)):
+        assert np.linalg.eigvalsh(stored.astype(np.float64)).min() < 0  # round-off below zero
+        fid.check_covariance(stored)
+
+
+def test_pytorch_fid_flags(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        fid.main(["--help"])
+    help_text = capsys.readouterr().out
+    assert all(flag in help_text for flag in ("--dims", "--batch-size", "--num-workers", "--device", "--save-stats"))
+    stats = str(tmp_path / "stats.npz")
+    fid.save_statistics(stats, np.zeros(4), np.eye(4), mode="pytorch-fid")
+    assert run_main([stats, stats, "--dims", "2048", "--metrics", "fid"], capsys)["fid"] == 0.0
+    for flag, value, says in [("--dims", "768", "only 2048"), ("--batch-size", "0", "at least 1"),
+                              ("--num-workers", "-2", "at least 1"), ("--metrics", "fid,kid", "fid,sfid,is,pr")]:
+        with pytest.raises(SystemExit) as e:
+            fid.main([stats, stats, flag, value])
+        assert e.value.code == 2 and says in capsys.readouterr().err
