@@ -19,6 +19,7 @@ import datetime
 import hashlib
 import json
 import os
+import signal
 import warnings
 import zlib
 
@@ -527,8 +528,16 @@ def make_loader(dataset, batch_size, rank, world_size, seed, num_workers, shuffl
     sampler = ResumableDistributedSampler(dataset, world_size, rank, shuffle=shuffle, seed=seed)
     sampler.batch_size = batch_size
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                        pin_memory=torch.cuda.is_available(), drop_last=drop_last, persistent_workers=num_workers > 0)
+                        pin_memory=torch.cuda.is_available(), drop_last=drop_last, persistent_workers=num_workers > 0,
+                        worker_init_fn=_leave_stop_signals_to_the_main_process)
     return loader, sampler
+
+
+def _leave_stop_signals_to_the_main_process(worker_id):
+    # Ctrl-C and SLURM signal the whole process group: a worker that died of it would fail the step the trainer is
+    # finishing before it saves; the main process stops its workers itself
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 class EpochBatches:
