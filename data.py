@@ -15,7 +15,6 @@ Bad data a user must fix raises DataError with a one-line message.
 """
 
 import argparse
-import datetime
 import hashlib
 import json
 import os
@@ -28,7 +27,7 @@ import torch
 from PIL import Image, ImageFile
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from dit import Progress, default_device
+from dit import Progress, checked, default_device, distributed
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".gif")
 VAE_SCALE = 0.18215  # SD-VAE latent scale factor (Rombach et al.; DiT and SiT use the same)
@@ -573,11 +572,7 @@ class EpochBatches:
 
 
 def _int_from(low):
-    def integer(text):  # an argparse type; its name shows in "invalid integer value: 'x'"
-        if int(text) < low:
-            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {text}")
-        return int(text)
-    return integer
+    return checked(int, lambda v: v >= low, f"an integer >= {low}")
 
 
 def main(argv=None):
@@ -596,7 +591,6 @@ def main(argv=None):
     p.add_argument("--unconditional", action="store_true", help="ignore class folders: all labels 0")
     p.add_argument("--max-bad", type=_int_from(0), default=100, help="unreadable images tolerated per process")
     p.add_argument("--device", default=None, help="cuda / mps / cpu (default: autodetect, cuda:LOCAL_RANK)")
-    p.add_argument("--dist-backend", default="gloo", choices=["gloo", "nccl"], help="under torchrun (for barriers)")
     p.add_argument("--no-verify", dest="verify", action="store_false", help="skip re-reading all chunks at the end")
     q = sub.add_parser("shapes", help="save a grid of ShapesDataset samples (rows = classes) as a PNG")
     q.add_argument("--out", default="shapes.png", help="output PNG path")
@@ -612,19 +606,11 @@ def main(argv=None):
         Image.fromarray(imgs.reshape(M, K, 3, S, S).transpose(1, 3, 0, 4, 2).reshape(K * S, M * S, 3)).save(args.out)
         print(f"wrote {args.out}: rows {', '.join(SHAPES)}")
         return
-    if distributed := int(os.environ.get("WORLD_SIZE", 1)) > 1:
-        # generous timeout: ranks wait at barriers while others scan a million files or finish a chunk
-        torch.distributed.init_process_group(args.dist_backend, timeout=datetime.timedelta(hours=3))
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    try:
-        build_cache(**{k: v for k, v in vars(args).items() if k not in ("command", "dist_backend")})
-    except (ValueError, DataError) as e:  # one sentence, not a traceback (a worker's DataError carries one)
-        raise SystemExit(f"error: {e.sentence if isinstance(e, DataError) else e}")
-    finally:
-        if distributed:
-            torch.distributed.destroy_process_group()
-
+    with distributed(args.device):
+        try:
+            build_cache(**{k: v for k, v in vars(args).items() if k != "command"})
+        except (ValueError, DataError) as e:  # one sentence, not a traceback (a worker's DataError carries one)
+            raise SystemExit(f"error: {e.sentence if isinstance(e, DataError) else e}")
 
 if __name__ == "__main__":
     main()

@@ -14,6 +14,8 @@ no timm, and return_features=k returns block k's tokens from the same pass (for 
 """
 
 import argparse
+import contextlib
+import datetime
 import math
 import os
 import re
@@ -23,6 +25,7 @@ from functools import partial
 from urllib.parse import urlparse
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
@@ -329,9 +332,7 @@ class GaussianDiffusion:
 
     def _split_output(self, out, x):
         C = x.shape[1]
-        if out.shape[1] not in (C, 2 * C):
-            raise ValueError(f"the model returned {out.shape[1]} channels for {C}-channel data: expected {C} (eps) "
-                             f"or {2 * C} (eps and learned variance)")
+        assert out.shape[1] in (C, 2 * C), f"{out.shape[1]} output channels for {C}-channel data: eps (and variance)"
         return (out, None) if out.shape[1] == C else out.split(C, dim=1)         # eps, v
 
     def _mean_variance(self, model_output, x, t):
@@ -541,6 +542,38 @@ def default_device():
     if torch.cuda.is_available():
         return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
     return "mps" if torch.backends.mps.is_available() else "cpu"
+
+
+@contextlib.contextmanager
+def distributed(device=None):
+    """(rank, world_size, device) for the block of a script's main: under torchrun (WORLD_SIZE > 1) in a process group,
+    NCCL on CUDA and gloo elsewhere, with a long timeout (ranks wait at barriers while others finish their share)."""
+    device, world = torch.device(device or default_device()), int(os.environ.get("WORLD_SIZE", 1))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda, but this PyTorch sees no CUDA GPU (a CPU build, or no GPU visible): "
+                         "use --device cpu, or install a CUDA build of torch")
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) if device.index is None else device.index)
+        torch.cuda.set_device(device)
+    if own := world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=3))
+    try:
+        yield int(os.environ.get("RANK", 0)), world, device
+    finally:
+        if own:
+            dist.destroy_process_group()
+
+
+def checked(cast, ok, what):
+    """An argparse type that checks what the value means: cast(text), then ok(value), else one sentence."""
+    def parse(text):
+        try:
+            if ok(value := cast(text)):  # NaN fails every comparison
+                return value
+        except ValueError:
+            pass
+        raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
+    return parse
 
 
 def load_url(url, file_name=None, check_hash=False):

@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dit import Progress, default_device, load_url
+from dit import Progress, checked, default_device, load_url
 
 WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"  # torch.hub's convention: name ends in its sha256 prefix
 WEIGHTS_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + WEIGHTS_NAME
@@ -667,10 +667,7 @@ def check_compatible(origins):
 
 # ----------------------------------------------------------------------------- command line
 
-def _count(text):
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
-    return int(text)
+_count = checked(int, lambda v: v >= 1, "an integer >= 1")
 
 
 def _dims(text):

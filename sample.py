@@ -14,8 +14,6 @@ whole batch: meta then records --batch-size). Shards of --shard-size samples mak
 """
 
 import argparse
-import atexit
-import datetime
 import difflib
 import json
 import math
@@ -244,20 +242,11 @@ def run_npz(draw, args, meta, num_classes, rank, world, log):
 # Script
 # ---------------------------------------------------------------------------------------------------------
 
-def _checked(kind, ok, need):
-    """argparse type: a `kind` value for which ok(value) holds; argparse's error names `need` for any other."""
-    def parse(text):
-        if not ok(kind(text)):  # NaN fails every comparison
-            raise ValueError(text)
-        return kind(text)
-    parse.__name__ = need
-    return parse
-
-
-POSITIVE, NATURAL = _checked(int, lambda v: v > 0, "positive integer"), _checked(int, lambda v: v >= 0, "integer >= 0")
-NONNEGATIVE = _checked(float, lambda v: 0 <= v < math.inf, "number >= 0")
-UNIT = _checked(float, lambda v: 0 <= v <= 1, "number in [0, 1]")
-TOLERANCE = _checked(float, lambda v: 0 < v < 1, "number in (0, 1)")
+POSITIVE = dit.checked(int, lambda v: v > 0, "an integer >= 1")
+NATURAL = dit.checked(int, lambda v: v >= 0, "an integer >= 0")
+NONNEGATIVE = dit.checked(float, lambda v: 0 <= v < math.inf, "a number >= 0")
+UNIT = dit.checked(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
+TOLERANCE = dit.checked(float, lambda v: 0 < v < 1, "a number in (0, 1)")
 
 
 def get_parser():
@@ -308,89 +297,84 @@ def _fail(msg):
 def main(argv=None):
     parser = get_parser()
     args = parser.parse_args(argv)
-    device = torch.device(args.device or dit.default_device())
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():  # under torchrun
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        # generous timeout: ranks wait at the last barrier while others finish their final shard
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=3))
-        atexit.register(dist.destroy_process_group)
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    log = print if rank == 0 else (lambda *a, **k: None)
-    if args.num_samples is None and world > 1:
-        _fail("a grid is sampled by one process: run python sample.py without torchrun, or give --num-samples.")
-    if not args.guidance_interval[0] < args.guidance_interval[1]:
-        _fail(f"--guidance-interval {args.guidance_interval[0]} {args.guidance_interval[1]} is empty: give LO < HI.")
-    try:  # the one-sentence errors of dit.py and data.py
-        model, family, cfg = load_model(args.ckpt, args.model, args.image_size, args.weights)
-        args.vae = (args.vae or cfg.get("vae") or "ema") if cfg["latent"] else None
-        if args.vae:
-            import data
-            vae = data.load_vae(args.vae, device)
-    except (ValueError, RuntimeError, ImportError) as e:
-        _fail(str(e).rstrip(".") + ".")  # their sentences may lack the full stop
-    K = cfg["num_classes"]
+    with dit.distributed(args.device) as (rank, world, device):
+        log = print if rank == 0 else (lambda *a, **k: None)
+        if args.num_samples is None and world > 1:
+            _fail("a grid is sampled by one process: run python sample.py without torchrun, or give --num-samples.")
+        if not args.guidance_interval[0] < args.guidance_interval[1]:
+            _fail(f"--guidance-interval {' '.join(map(str, args.guidance_interval))} is empty: give LO < HI.")
+        try:  # the one-sentence errors of dit.py and data.py
+            model, family, cfg = load_model(args.ckpt, args.model, args.image_size, args.weights)
+            args.vae = (args.vae or cfg.get("vae") or "ema") if cfg["latent"] else None
+            if args.vae:
+                import data
+                vae = data.load_vae(args.vae, device)
+        except (ValueError, RuntimeError, ImportError) as e:
+            _fail(str(e).rstrip(".") + ".")  # their sentences may lack the full stop
+        K = cfg["num_classes"]
 
-    # 1. the family's sampler and its options
-    args.sampler = args.sampler or {"ODE": "dopri5", "SDE": "sde"}.get(args.mode) or SAMPLERS[family][0]
-    if args.sampler not in SAMPLERS[family]:
-        _fail(f"{cfg['model']} is a {family} model: choose --sampler from {', '.join(SAMPLERS[family])}.")
-    for k in set(sum(OPTIONS.values(), ())) - set(OPTIONS[family]):  # e.g. MeanFlow's guidance is trained in
-        if getattr(args, k) != parser.get_default(k):
-            _fail(f"{cfg['model']} is sampled without --{k.replace('_', '-')} ({family} has none): drop it.")
-    if args.cfg_scale != 1.0 and cfg.get("class_dropout_prob", 0.1) <= 0:
-        _fail(f"{args.ckpt} was trained without label dropout, so it has no null class for CFG: use --cfg-scale 1.")
-    if (args.guide_channels or 0) > model.in_channels:
-        _fail(f"--guide-channels {args.guide_channels} is out of range: the model has {model.in_channels} channels.")
-    args.num_steps = args.num_steps or {"meanflow": 1}.get(family, 250)
-    if args.sampler.startswith("sde") and args.num_steps < 2:
-        _fail(f"--sampler {args.sampler} needs --num-steps >= 2 (its grid counts points, the last step included).")
-    args.path = args.path or cfg.get("path") or "linear"
-    options = {k: getattr(args, k) for k in OPTIONS[family]}
-    if args.precision == "auto":
-        args.precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.precision == "tf32"
+        # 1. the family's sampler and its options
+        args.sampler = args.sampler or {"ODE": "dopri5", "SDE": "sde"}.get(args.mode) or SAMPLERS[family][0]
+        if args.sampler not in SAMPLERS[family]:
+            _fail(f"{cfg['model']} is a {family} model: choose --sampler from {', '.join(SAMPLERS[family])}.")
+        for k in set(sum(OPTIONS.values(), ())) - set(OPTIONS[family]):  # e.g. MeanFlow's guidance is trained in
+            if getattr(args, k) != parser.get_default(k):
+                _fail(f"{cfg['model']} is sampled without --{k.replace('_', '-')} ({family} has none): drop it.")
+        if args.cfg_scale != 1.0 and cfg.get("class_dropout_prob", 0.1) <= 0:
+            _fail(f"{args.ckpt} was trained without label dropout, so it has no null class for CFG: use --cfg-scale 1.")
+        if (args.guide_channels or 0) > model.in_channels:
+            _fail(f"--guide-channels {args.guide_channels} is out of range: the model has {model.in_channels} "
+                  f"channels.")
+        args.num_steps = args.num_steps or {"meanflow": 1}.get(family, 250)
+        if args.sampler.startswith("sde") and args.num_steps < 2:
+            _fail(f"--sampler {args.sampler} needs --num-steps >= 2 (its grid counts points, the last step included).")
+        args.path = args.path or cfg.get("path") or "linear"
+        options = {k: getattr(args, k) for k in OPTIONS[family]}
+        if args.precision == "auto":
+            args.precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.precision == "tf32"
 
-    # 2. every setting that changes the images: printed, stored in the npz and compared when resuming
-    note = "dopri5 adapts its steps to the whole batch: images depend on batch_size" if args.sampler == "dopri5" else ""
-    meta = dict(model=cfg["model"], family=family, ckpt=os.path.abspath(args.ckpt), step=cfg.get("step"),
-                weights="raw" if cfg.get("raw") else args.weights, image_size=cfg["image_size"], num_classes=K,
-                latent=bool(cfg["latent"]), **{k: getattr(args, k) for k in ("vae", "sampler", "num_steps", "seed",
-                                                                             "num_samples", "class_mode", "precision")},
-                **options, noise="per-sample generators seeded from (seed, index)" + (note and "; " + note),
-                batch_size=args.batch_size if note else None)
-    log(" | ".join(f"{k} {v}" for k, v in meta.items()) + "\n" * ("note" in cfg) + cfg.get("note", ""))
-    model.to(device)
+        # 2. every setting that changes the images: printed, stored in the npz and compared when resuming
+        note = "dopri5 adapts its steps to the whole batch: images depend on batch_size" * (args.sampler == "dopri5")
+        keys = ("vae", "sampler", "num_steps", "seed", "num_samples", "class_mode", "precision")
+        meta = dict(model=cfg["model"], family=family, ckpt=os.path.abspath(args.ckpt), step=cfg.get("step"),
+                    weights="raw" if cfg.get("raw") else args.weights, image_size=cfg["image_size"], num_classes=K,
+                    latent=bool(cfg["latent"]), **{k: getattr(args, k) for k in keys},
+                    **options, noise="per-sample generators seeded from (seed, index)" + (note and "; " + note),
+                    batch_size=args.batch_size if note else None)
+        log(" | ".join(f"{k} {v}" for k, v in meta.items()) + "\n" * ("note" in cfg) + cfg.get("note", ""))
+        model.to(device)
 
-    def draw(start, labels):  # uint8 (n, H, W, 3) images of samples start, start + 1, ... in batches
-        images = []
-        for b in range(0, len(labels), args.batch_size):
-            y = torch.as_tensor(labels[b: b + args.batch_size], device=device)
-            noise = indexed_noise(args.seed, range(start + b, start + b + len(y)))
-            z = noise(torch.empty(len(y), model.in_channels, model.input_size, model.input_size, device=device))
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16"):
-                x = generate(family, model, z, y, args.sampler, args.num_steps, generator=noise, **options)
-            if args.vae:  # decoded in float32 like the official code: the pixels feed FID directly
-                x = vae.decode(x.float() / data.VAE_SCALE).sample
-            images.append(to_uint8(x))
-        return np.concatenate(images)
+        def draw(start, labels):  # uint8 (n, H, W, 3) images of samples start, start + 1, ... in batches
+            images = []
+            for b in range(0, len(labels), args.batch_size):
+                y = torch.as_tensor(labels[b: b + args.batch_size], device=device)
+                noise = indexed_noise(args.seed, range(start + b, start + b + len(y)))
+                z = noise(torch.empty(len(y), model.in_channels, model.input_size, model.input_size, device=device))
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16"):
+                    x = generate(family, model, z, y, args.sampler, args.num_steps, generator=noise, **options)
+                if args.vae:  # decoded in float32 like the official code: the pixels feed FID directly
+                    x = vae.decode(x.float() / data.VAE_SCALE).sample
+                images.append(to_uint8(x))
+            return np.concatenate(images)
 
-    # 3. a grid, or the npz
-    name = f"{cfg['model'].replace('/', '-')}-{args.sampler}{args.num_steps}-cfg{args.cfg_scale}-seed{args.seed}"
-    if args.num_samples is None:
-        classes = args.classes or (DEFAULT_CLASSES if K == 1000 else list(range(min(8, K))))
-        if max(classes) >= K:
-            _fail(f"classes {[c for c in classes if c >= K]} are out of range: the model has {K} classes (0..{K - 1}).")
-        images, args.out = draw(0, classes), args.out or os.path.join("samples", name + ".png")
-        save_pngs(args.sample_dir, 0, images)
-        log(f"wrote {save_grid(images, args.out, args.nrow)}")
-        return args.out
-    args.out = args.out or os.path.join("samples", f"{name}-{args.num_samples}.npz")
-    if not args.out.endswith(".npz"):
-        _fail(f"--out {args.out} must end in .npz when --num-samples is given (ADM's sample format).")
-    if os.path.exists(args.out):
-        _fail(f"{args.out} already exists: remove it or choose another --out.")
-    return args.out if run_npz(draw, args, meta, K, rank, world, log) else None
+        # 3. a grid, or the npz
+        name = f"{cfg['model'].replace('/', '-')}-{args.sampler}{args.num_steps}-cfg{args.cfg_scale}-seed{args.seed}"
+        if args.num_samples is None:
+            classes = args.classes or (DEFAULT_CLASSES if K == 1000 else list(range(min(8, K))))
+            if max(classes) >= K:
+                _fail(f"classes {[c for c in classes if c >= K]} are out of range: the model has {K} classes "
+                      f"(0..{K - 1}).")
+            images, args.out = draw(0, classes), args.out or os.path.join("samples", name + ".png")
+            save_pngs(args.sample_dir, 0, images)
+            log(f"wrote {save_grid(images, args.out, args.nrow)}")
+            return args.out
+        args.out = args.out or os.path.join("samples", f"{name}-{args.num_samples}.npz")
+        if not args.out.endswith(".npz"):
+            _fail(f"--out {args.out} must end in .npz when --num-samples is given (ADM's sample format).")
+        if os.path.exists(args.out):
+            _fail(f"{args.out} already exists: remove it or choose another --out.")
+        return args.out if run_npz(draw, args, meta, K, rank, world, log) else None
 
 
 if __name__ == "__main__":

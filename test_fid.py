@@ -575,8 +575,8 @@ def test_pytorch_fid_flags(tmp_path, capsys):
     stats = str(tmp_path / "stats.npz")
     fid.save_statistics(stats, np.zeros(4), np.eye(4), mode="pytorch-fid")
     assert run_main([stats, stats, "--dims", "2048", "--metrics", "fid"], capsys)["fid"] == 0.0
-    for flag, value, says in [("--dims", "768", "only 2048"), ("--batch-size", "0", "at least 1"),
-                              ("--num-workers", "-2", "at least 1"), ("--metrics", "fid,kid", "fid,sfid,is,pr")]:
+    for flag, value, says in [("--dims", "768", "only 2048"), ("--batch-size", "0", "an integer >= 1"),
+                              ("--num-workers", "-2", "an integer >= 1"), ("--metrics", "fid,kid", "fid,sfid,is,pr")]:
         with pytest.raises(SystemExit) as e:
             fid.main([stats, stats, flag, value])
         assert e.value.code == 2 and says in capsys.readouterr().err

@@ -452,11 +452,11 @@ def test_errors(ckpts, tmp_path):
 
 
 @pytest.mark.parametrize("flag,values,need", [
-    ("--num-steps", ["0"], "positive integer"), ("--num-sampling-steps", ["-5"], "positive integer"),
-    ("--batch-size", ["0"], "positive integer"), ("--shard-size", ["1.5"], "positive integer"),
-    ("--num-samples", ["0"], "positive integer"), ("--max-shards", ["0"], "positive integer"),
-    ("--nrow", ["0"], "positive integer"), ("--image-size", ["-256"], "positive integer"),
-    ("--guide-channels", ["0"], "positive integer"), ("--seed", ["-1"], "integer >= 0"),
+    ("--num-steps", ["0"], "an integer >= 1"), ("--num-sampling-steps", ["-5"], "an integer >= 1"),
+    ("--batch-size", ["0"], "an integer >= 1"), ("--shard-size", ["1.5"], "an integer >= 1"),
+    ("--num-samples", ["0"], "an integer >= 1"), ("--max-shards", ["0"], "an integer >= 1"),
+    ("--nrow", ["0"], "an integer >= 1"), ("--image-size", ["-256"], "an integer >= 1"),
+    ("--guide-channels", ["0"], "an integer >= 1"), ("--seed", ["-1"], "integer >= 0"),
     ("--classes", ["3", "-1"], "integer >= 0"), ("--cfg-scale", ["nan"], "number >= 0"),
     ("--cfg-scale", ["-2"], "number >= 0"), ("--eta", ["1.5"], r"number in \[0, 1\]"),
     ("--guidance-interval", ["0", "2"], r"number in \[0, 1\]"), ("--atol", ["0"], r"number in \(0, 1\)"),
