@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import bench
+import sample
 import train
 from dispersive import DispersiveConfig
 
@@ -15,7 +16,7 @@ DEVICE = "cuda"
 
 def setup(name, B=8):
     torch.manual_seed(0)
-    model, family = train.build_model(name, 32, 10, False)
+    model, family = sample.build_model(name, 32, 10, False)
     model.to(DEVICE)
     with torch.no_grad():  # every layer active (adaLN-Zero starts as the identity)
         for p in model.parameters():
