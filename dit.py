@@ -332,7 +332,9 @@ class GaussianDiffusion:
 
     def _split_output(self, out, x):
         C = x.shape[1]
-        assert out.shape[1] in (C, 2 * C), f"{out.shape[1]} output channels for {C}-channel data: eps (and variance)"
+        if out.shape[1] not in (C, 2 * C):
+            raise ValueError(f"the model returned {out.shape[1]} channels for {C}-channel data: expected {C} (eps) "
+                             f"or {2 * C} (eps and learned variance)")
         return (out, None) if out.shape[1] == C else out.split(C, dim=1)         # eps, v
 
     def _mean_variance(self, model_output, x, t):
