@@ -16,6 +16,7 @@ and gradients are synchronised once per step; the dispersive term sees each devi
 import argparse
 import contextlib
 import copy
+import dataclasses
 import datetime
 import json
 import math
@@ -148,8 +149,7 @@ PATH_TYPE = dit.checked(str.lower, lambda v: v in ("linear", "gvp"), "linear or 
 
 
 def get_parser():
-    p = argparse.ArgumentParser(description="Train DiT / SiT / MeanFlow with the Dispersive Loss, in one process or many "
-                                "under torchrun. Defaults: the papers' for their sizes, a 5-minute CPU recipe for size T.")
+    p = argparse.ArgumentParser(description="Train DiT / SiT / MeanFlow with the Dispersive Loss (torchrun: many GPUs).")
     g = p.add_argument_group("model and data").add_argument
     g("--model", help="DiT-/SiT-{S,B,L,XL,T}/{2,4,8}, MeanFlow-{B/4,B/2,M/2,L/2,XL/2,T/2,T/4} (default SiT-T/4)")
     g("--image-size", type=POSITIVE, help="pixels; latents are size/8 (default 32)")
@@ -160,10 +160,8 @@ def get_parser():
     g("--path", "--path-type", type=PATH_TYPE, help="SiT interpolant: linear (default) or gvp")
     g("--max-bad", type=COUNT, help="unreadable images skipped per data process before the run stops (default 100)")
     g = p.add_argument_group("dispersive loss").add_argument
-    g("--disp", choices=["none", *VARIANTS, "contrastive"], help="the regulariser (default infonce_l2), or the "
-                                                                 "two-view contrastive baseline with positive pairs")
-    g("--disp-preset", choices=["paper", "official"], help="paper (default): λ 0.5, τ 0.5, block depth//4; "
-                                                          "official PyTorch code: λ 0.25, τ 1, last block")
+    g("--disp", choices=["none", *VARIANTS, "contrastive"], help="default infonce_l2; contrastive: the 2-view baseline")
+    g("--disp-preset", choices=["paper", "official"], help="paper: λ 0.5, τ 0.5, block depth//4; official: 0.25, 1, last")
     g("--disp-weight", type=WEIGHT, help="λ (overrides the preset)")
     g("--disp-tau", type=RATE, help="τ of the InfoNCE variants (overrides the preset)")
     g("--disp-block", type=POSITIVE, help="1-based block whose output is regularised (overrides the preset)")
@@ -187,8 +185,7 @@ def get_parser():
     g("--results-dir", help="parent of the run folders (default runs)")
     g("--run-name", help="a new run folder's name (default: start time and model)")
     g("--resume", help="run folder or checkpoint to continue exactly (an older kept checkpoint branches off)")
-    g("--init-from", "--ckpt", help="start a new run from weights: ours, an official DiT/SiT training checkpoint "
-                                    "(with its optimizer state) or released weights")
+    g("--init-from", "--ckpt", help="a new run from weights (+ AdamW state): ours, official DiT/SiT, released ones")
     g("--log-every", type=POSITIVE, help="steps between log lines (100; T: 50)")
     g("--ckpt-every", type=POSITIVE, help="steps between checkpoints (10K; T: 500); a stop always saves")
     g("--keep-every", type=COUNT, help="also keep checkpoint_<step>.pt every this many steps (default 0: never)")
@@ -219,9 +216,9 @@ def parse_args(argv=None):
     try:
         if "resume" in given:
             ckpt = dit.read_checkpoint(given["resume"])
-            if not isinstance(ckpt, dict) or not isinstance(ckpt.get("config"), dict) or "opt" not in ckpt:
-                raise ValueError(f"--resume {given['resume']} is not a checkpoint of this train.py: start a new run "
-                                 f"from its weights with --init-from")
+            if not isinstance(ckpt, dict) or not isinstance(ckpt.get("config"), dict) or "init_from" in given:
+                raise ValueError(f"--resume continues a run of this train.py from its checkpoint: for a new run from "
+                                 f"{given['resume']}'s weights use --init-from alone")
             cfg = {**new_run_config(ckpt["config"]["model"]), **ckpt["config"]}  # old checkpoints lack newer keys
             cfg.update(flip=not cfg.get("no_flip", not cfg["flip"]), run_name=None, results_dir=None)  # its folder
             changed = [k for k in given if k not in RESUMABLE and given[k] != cfg.get(k)]
@@ -251,14 +248,11 @@ def parse_args(argv=None):
         p.error(f"--run-name {cfg.run_name!r} must be a plain folder name: give the parent with --results-dir")
     if cfg.disp_block is not None and cfg.disp_block > depth:
         p.error(f"--disp-block {cfg.disp_block} is out of range: {cfg.model} has blocks 1..{depth} (1-based)")
-    if "resume" in given and "init_from" in given:
-        p.error("give either --resume (continue a run) or --init-from (a new run from weights), not both")
-    overrides = {k: v for k, v in (("weight", cfg.disp_weight), ("tau", cfg.disp_tau), ("block", cfg.disp_block),
-                                   ("margin", cfg.disp_margin)) if v is not None}
-    variant = cfg.disp if cfg.disp in VARIANTS else "infonce_l2"  # contrastive uses only λ, τ and the block
+    overrides = {k: v for k in ("weight", "tau", "block", "margin") if (v := getattr(cfg, f"disp_{k}")) is not None}
+    variant = cfg.disp if cfg.disp in VARIANTS else "infonce_l2"  # the contrastive baseline uses λ, τ and the block
     disp = DispersiveConfig.preset(cfg.disp_preset, depth, variant=variant, **overrides)
     if cfg.disp == "none":
-        disp = DispersiveConfig(variant="none", weight=0.0, tau=disp.tau, block=disp.block, margin=disp.margin)
+        disp = dataclasses.replace(disp, variant="none", weight=0.0)
     cfg.disp_weight, cfg.disp_tau, cfg.disp_block, cfg.disp_margin = disp.weight, disp.tau, disp.block, disp.margin
     return cfg, ckpt, disp
 
@@ -272,8 +266,7 @@ def main(argv=None):
     cfg, ckpt, disp = parse_args(argv)
     with dit.distributed(None if cfg.device == "auto" else cfg.device) as (rank, world, device):
         log = print if rank == 0 else (lambda *a, **k: None)
-        if device.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # TF32 on GPUs that have it
         bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda"
                                            and torch.cuda.is_bf16_supported())
         autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
@@ -307,8 +300,7 @@ def main(argv=None):
         # fused: one kernel for all tensors, and a non-finite step is skipped on the device (train_step)
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, cfg.beta2), weight_decay=cfg.weight_decay,
                                 fused=True)
-        torch.manual_seed(cfg.global_seed * world + rank)  # per-rank draws: timesteps, noise, label dropout, flips
-        step, position = load_state(cfg, ckpt, model, ema, opt, world, rank, device, log)
+        step, position = load_state(cfg, ckpt, model, ema, opt, world, log)
         del ckpt
 
         # 4. the run folder: a new one, the resumed run's, or a branch of it; then the module DDP wraps
@@ -318,7 +310,7 @@ def main(argv=None):
         log(f"{cfg.model} ({family}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters) | "
             f"{len(dataset)} samples, {cfg.num_classes} classes | {world} process(es) on {device} | global batch "
             f"{cfg.global_batch_size} = {cfg.micro_batch_size} × {world} × {accum} | {cfg.precision_resolved} | "
-            f"regulariser: {describe(cfg, disp, model.depth)}\nrun folder: {cfg.run_dir}"
+            f"regulariser: {cfg.disp}, λ {disp.weight}, τ {disp.tau}, block {disp.block}/{model.depth}\nrun folder: {cfg.run_dir}"
             + (f" (resuming at step {step})" if step else ""))
         net = torch.compile(model) if cfg.compile else model  # a compiled network sits inside what DDP wraps
         loss_module = TrainLoss(net, objective, disp, model.depth, contrastive=cfg.disp == "contrastive")
@@ -331,8 +323,9 @@ def main(argv=None):
         grids = Grids(cfg, family, ema, device, autocast, log) if rank == 0 and cfg.sample_every else None
 
         def save(at_step):
-            save_checkpoint(cfg, dict(model=model.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(), step=at_step,
-                                      epoch=position[0], batch_in_epoch=position[1]), device, rank, world, log)
+            if rank == 0:
+                save_checkpoint(cfg, dict(model=model.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(),
+                                          step=at_step, epoch=position[0], batch_in_epoch=position[1]), log)
 
         def write(row):
             if rank == 0:
@@ -346,6 +339,9 @@ def main(argv=None):
         sums, n_sum, t_last, step_last, stop, lagged = {}, 0, time.time(), step, None, LaggedFlags()
         with StopSignal(log) as signals:
             while step < cfg.steps:
+                # each step's draws (timesteps, noise, label dropout, flips) are a function of (seed, rank, step): a
+                # resumed run needs no saved random state to continue bit-exactly
+                torch.manual_seed((cfg.global_seed + 1_000_003 * step) * world + rank)
                 lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
                 for group in opt.param_groups:
                     group["lr"] = lr
@@ -353,8 +349,7 @@ def main(argv=None):
                     stats, flags = train_step(loss_module, opt, batches, accum, autocast, cfg.grad_clip,
                                               (ema_params, params), cfg.ema_decay, lambda: signals.requested is not None)
                 except data.DataError as e:
-                    if world == 1:
-                        save(step)  # the last finished step, at its data position
+                    save(step)  # the last finished step, at its data position
                     raise SystemExit(f"error: {e.sentence} (stopped at step {step}: once the data is fixed, "
                                      f"{resume_command(cfg.run_dir)})")
                 step, position = step + 1, (batches.epoch, batches.batch_in_epoch)
@@ -424,7 +419,7 @@ def build_dataset(cfg):
     return ds
 
 
-def load_state(cfg, ckpt, model, ema, opt, world, rank, device, log):
+def load_state(cfg, ckpt, model, ema, opt, world, log):
     """A resumed run's whole state, or --init-from's weights (and its EMA and optimizer state when stored; our step
     count and RNG stay new); returns (step, data position: (epoch, micro-batches done in it))."""
     if ckpt is None and not cfg.init_from:
@@ -444,15 +439,11 @@ def load_state(cfg, ckpt, model, ema, opt, world, rank, device, log):
     if ckpt is None:
         log(f"initialised from {cfg.init_from} (step count and random state start anew)")
         return 0, (0, 0)
-    old, per_step = ckpt["config"], cfg.micro_batch_size * world
-    old_per_step = old.get("micro_batch_size", cfg.micro_batch_size) * old.get("world_size", world)
-    if old_per_step == per_step and ckpt["rng"].get("world_size") == world:
-        set_rng_state(ckpt["rng"]["states"][rank], device)
-        return ckpt["step"], (ckpt["epoch"], ckpt["batch_in_epoch"])
-    torch.manual_seed(cfg.global_seed * world + rank + 1_000_003 * ckpt["step"])
-    log(f"resuming on {world} process(es) × micro-batch {cfg.micro_batch_size} instead of {old.get('world_size')} × "
-        f"{old.get('micro_batch_size')}: the same data order, but random draws not those of an uninterrupted run")
-    return ckpt["step"], (ckpt["epoch"], ckpt["batch_in_epoch"] * old_per_step // per_step)
+    old = ckpt["config"].get("micro_batch_size", cfg.micro_batch_size) * ckpt["config"].get("world_size", world)
+    if old != cfg.micro_batch_size * world:
+        log(f"resuming with {world} process(es) × micro-batch {cfg.micro_batch_size} instead of {old} samples per "
+            f"micro-step: the same data order, other random draws than an uninterrupted run")
+    return ckpt["step"], (ckpt["epoch"], ckpt["batch_in_epoch"] * old // (cfg.micro_batch_size * world))
 
 
 def broadcast(make, rank, world):
@@ -517,29 +508,18 @@ def copy_metrics(src, dst, step):
 
 def resume_command(run_dir):
     world, local = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    if world == 1:
-        return f"python train.py --resume {run_dir}"
-    return f"torchrun --nnodes={world // local} --nproc_per_node={local} ... train.py --resume {run_dir}"
-
-
-def describe(cfg, disp, depth):
-    kind = "contrastive (two views)" if cfg.disp == "contrastive" else disp.variant
-    return "none" if cfg.disp == "none" else f"{kind}, λ {disp.weight}, τ {disp.tau}, block {disp.block}/{depth}"
+    launcher = f"torchrun --nnodes={world // local} --nproc_per_node={local} ..." if world > 1 else "python"
+    return f"{launcher} train.py --resume {run_dir}"
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Checkpoints, sample grids, logs, stop signals
 # ---------------------------------------------------------------------------------------------------------------------
 
-def save_checkpoint(cfg, state, device, rank, world, log):
-    """All ranks call this (their RNG states are gathered); rank 0 writes atomically: a crash or a full disk mid-save
-    leaves the previous checkpoint intact and the run resumable."""
-    states = [get_rng_state(device)] * world
-    if world > 1:
-        dist.all_gather_object(states, get_rng_state(device))
-    if rank != 0:
-        return
-    obj = dict(state, config=vars(cfg), rng=dict(world_size=world, states=states))
+def save_checkpoint(cfg, state, log):
+    """Written atomically (by rank 0): a crash or a full disk mid-save leaves the previous checkpoint intact and the run
+    resumable."""
+    obj = dict(state, config=vars(cfg))
     keep = cfg.keep_every and state["step"] % cfg.keep_every == 0
     for path in [os.path.join(cfg.run_dir, "checkpoint.pt")] + keep * [f"{cfg.run_dir}/checkpoint_{state['step']:07d}.pt"]:
         try:
@@ -554,17 +534,6 @@ def save_checkpoint(cfg, state, device, rank, world, log):
             raise SystemExit(f"error: could not write {path} ({'the disk is full' if full else e}); the previous "
                              f"checkpoint is intact: free space, then {resume_command(cfg.run_dir)}")
     log(f"saved {cfg.run_dir}/checkpoint.pt at step {state['step']}")
-
-
-def get_rng_state(device):
-    """This process's torch RNG states (the data pipeline and the objectives draw only from torch)."""
-    return dict(torch=torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {}))
-
-
-def set_rng_state(s, device):
-    torch.set_rng_state(s["torch"])
-    if device.type == "cuda" and "cuda" in s:
-        torch.cuda.set_rng_state(s["cuda"], device)
 
 
 class Grids:
