@@ -312,7 +312,7 @@ def test_bad_flags_stop_with_one_sentence(runs, tmp_path, capsys):
     msg = _error([*tmp, "--model", "SiT-XL/3"], capsys)
     assert "did you mean" in msg and "SiT-XL/2" in msg
     assert "not divisible by the patch size 4" in _error([*tmp, "--image-size", "30"], capsys)
-    assert "--disp-block 7 is out of range: SiT-T/4 has blocks 1..6" in _error([*tmp, "--disp-block", "7"], capsys)
+    assert "dispersive block must be in 1..6 (1-based, 6 = the last), got 7" in _error([*tmp, "--disp-block", 7], capsys)
     assert "multiple" in _error([*base(runs["folder"]), *tmp, "--global-batch-size", "6"], capsys)
     assert "plain folder name" in _error([*tmp, "--run-name", "../x"], capsys)
     assert "plain folder name" in _error([*tmp, "--run-name", str(tmp_path / "abs")], capsys)

@@ -98,8 +98,7 @@ def train_step(loss_module, optimizer, next_batch, accum_steps=1, autocast=conte
     stats = {}
     for i in range(accum_steps):
         x, y = next_batch()
-        last = i == accum_steps - 1
-        with loss_module.no_sync() if isinstance(loss_module, DDP) and not last else contextlib.nullcontext():
+        with loss_module.no_sync() if isinstance(loss_module, DDP) and i < accum_steps - 1 else contextlib.nullcontext():
             with autocast():
                 loss, terms = loss_module(x, y)
             (loss / accum_steps).backward()  # DDP averages over ranks: the step sees the global-batch mean
@@ -236,6 +235,9 @@ def parse_args(argv=None):
         cfg.latent = cfg.latent_cache is not None
         with torch.device("meta"):  # checks the name and the size; the depth without allocating the network
             depth = sample.build_model(cfg.model, cfg.image_size, cfg.num_classes or 1, cfg.latent)[0].depth
+        overrides = {k: v for k in ("weight", "tau", "block", "margin") if (v := getattr(cfg, f"disp_{k}")) is not None}
+        variant = cfg.disp if cfg.disp in VARIANTS else "infonce_l2"  # the contrastive baseline uses λ, τ and block
+        disp = DispersiveConfig.preset(cfg.disp_preset, depth, variant=variant, **overrides)  # checks the block
     except ValueError as e:
         p.error(str(e))
     if cfg.data_path and cfg.latent_cache:
@@ -246,11 +248,6 @@ def parse_args(argv=None):
                 f"--latent-cache cache/NAME (or add --pixel-space to train on pixels)")
     if cfg.run_name and (os.path.basename(cfg.run_name) != cfg.run_name or cfg.run_name in (".", "..")):
         p.error(f"--run-name {cfg.run_name!r} must be a plain folder name: give the parent with --results-dir")
-    if cfg.disp_block is not None and cfg.disp_block > depth:
-        p.error(f"--disp-block {cfg.disp_block} is out of range: {cfg.model} has blocks 1..{depth} (1-based)")
-    overrides = {k: v for k in ("weight", "tau", "block", "margin") if (v := getattr(cfg, f"disp_{k}")) is not None}
-    variant = cfg.disp if cfg.disp in VARIANTS else "infonce_l2"  # the contrastive baseline uses λ, τ and the block
-    disp = DispersiveConfig.preset(cfg.disp_preset, depth, variant=variant, **overrides)
     if cfg.disp == "none":
         disp = dataclasses.replace(disp, variant="none", weight=0.0)
     cfg.disp_weight, cfg.disp_tau, cfg.disp_block, cfg.disp_margin = disp.weight, disp.tau, disp.block, disp.margin
@@ -281,9 +278,9 @@ def main(argv=None):
         if (disp.enabled or cfg.disp == "contrastive") and cfg.micro_batch_size < 2:
             raise SystemExit("error: the dispersive loss needs at least 2 samples per micro-batch: raise "
                              "--micro-batch-size")
-        if cfg.num_workers is None:
-            local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-            cfg.num_workers = 0 if isinstance(dataset, data.ShapesDataset) else min(8, (os.cpu_count() or 1) // local)
+        if cfg.num_workers is None:  # the shapes live in memory; decoding images wants workers (the node's CPUs)
+            per_node = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+            cfg.num_workers = 0 if isinstance(dataset, data.ShapesDataset) else min(8, (os.cpu_count() or 1) // per_node)
         loader, sampler = data.make_loader(dataset, cfg.micro_batch_size, rank, world, cfg.global_seed, cfg.num_workers)
         if len(loader) == 0:
             raise SystemExit(f"error: {len(dataset)} samples make no micro-batch of {cfg.micro_batch_size} per process: "
@@ -305,13 +302,16 @@ def main(argv=None):
 
         # 4. the run folder: a new one, the resumed run's, or a branch of it; then the module DDP wraps
         cfg.world_size, cfg.accum_steps, cfg.precision_resolved = world, accum, "bf16" if bf16 else "fp32"
-        cfg.run_dir = broadcast(lambda: run_folder(cfg, step), rank, world)
+        box = [run_folder(cfg, step) if rank == 0 else None]  # a refusal on rank 0 makes torchrun stop every rank
+        if world > 1:
+            dist.broadcast_object_list(box, src=0)
+        cfg.run_dir = box[0]
         log(vars(cfg))
         log(f"{cfg.model} ({family}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters) | "
             f"{len(dataset)} samples, {cfg.num_classes} classes | {world} process(es) on {device} | global batch "
             f"{cfg.global_batch_size} = {cfg.micro_batch_size} × {world} × {accum} | {cfg.precision_resolved} | "
-            f"regulariser: {cfg.disp}, λ {disp.weight}, τ {disp.tau}, block {disp.block}/{model.depth}\nrun folder: {cfg.run_dir}"
-            + (f" (resuming at step {step})" if step else ""))
+            f"regulariser: {cfg.disp}, λ {disp.weight}, τ {disp.tau}, block {disp.block}/{model.depth}\nrun folder: "
+            f"{cfg.run_dir}" + (f" (resuming at step {step})" if step else ""))
         net = torch.compile(model) if cfg.compile else model  # a compiled network sits inside what DDP wraps
         loss_module = TrainLoss(net, objective, disp, model.depth, contrastive=cfg.disp == "contrastive")
         if world > 1:
@@ -368,7 +368,8 @@ def main(argv=None):
                         vec /= world
                     it_s = (step - step_last) / max(time.time() - t_last, 1e-9)
                     row = dict(step=step, epoch=round(step / steps_per_epoch, 3), **dict(zip(sums, vec.tolist())),
-                               lr=lr, it_s=it_s, img_s=it_s * cfg.global_batch_size, mem_gb=memory_gb(device))
+                               lr=lr, it_s=it_s, img_s=it_s * cfg.global_batch_size,
+                               mem_gb=torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else 0.0)
                     log(format_row(row, cfg.steps))
                     write(row)
                     sums, n_sum, t_last, step_last = {}, 0, time.time(), step
@@ -408,10 +409,8 @@ def build_dataset(cfg):
             ds = data.ImageFolder(cfg.data_path, cfg.image_size, flip=cfg.flip, max_bad=cfg.max_bad)
         else:
             ds = data.ShapesDataset(cfg.num_classes or 10, cfg.image_size, cfg.shapes_samples, seed=cfg.global_seed)
-    except ValueError as e:
-        raise SystemExit(f"error: {e}")
-    except data.DataError as e:
-        raise SystemExit(f"error: {e.sentence}")
+    except (ValueError, data.DataError) as e:
+        raise SystemExit(f"error: {getattr(e, 'sentence', e)}")
     if cfg.num_classes not in (None, ds.num_classes):
         raise SystemExit(f"error: --num-classes {cfg.num_classes}, but {cfg.latent_cache or cfg.data_path} has "
                          f"{ds.num_classes} classes: drop --num-classes")
@@ -446,21 +445,6 @@ def load_state(cfg, ckpt, model, ema, opt, world, log):
     return ckpt["step"], (ckpt["epoch"], ckpt["batch_in_epoch"] * old // (cfg.micro_batch_size * world))
 
 
-def broadcast(make, rank, world):
-    """make() on rank 0 (a ValueError or OSError becomes one sentence on every rank), its result on all ranks."""
-    box = [None, None]
-    if rank == 0:
-        try:
-            box[0] = make()
-        except (OSError, ValueError) as e:
-            box[1] = str(e)
-    if world > 1:
-        dist.broadcast_object_list(box, src=0)
-    if box[1]:
-        raise SystemExit(f"error: {box[1]}")
-    return box[0]
-
-
 def run_folder(cfg, step):
     """A new run folder (never one that holds another run), the resumed run's own, or a new branch of it (from an older
     kept checkpoint, or with --run-name/--results-dir), which starts with the run's metrics up to the checkpoint."""
@@ -481,10 +465,11 @@ def run_folder(cfg, step):
         else:
             os.makedirs(path := os.path.join(cfg.results_dir, cfg.run_name), exist_ok=True)
     except OSError as e:
-        raise ValueError(f"cannot create a run folder in {cfg.results_dir} ({e.strerror}): choose a writable "
+        raise SystemExit(f"error: cannot create a run folder in {cfg.results_dir} ({e.strerror}): choose a writable "
                          f"--results-dir")
     if os.listdir(path):
-        raise ValueError(f"{path} already holds a run: continue it with --resume {path}, or choose another --run-name")
+        raise SystemExit(f"error: {path} already holds a run: continue it with --resume {path}, or choose another "
+                         f"--run-name")
     if resumed:
         copy_metrics(parent, path, step)
         print(f"branching from step {step} of {resumed} into {path}")
@@ -589,20 +574,11 @@ class StopSignal:
             signal.signal(sig, handler)
 
 
-def memory_gb(device):
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 1e9
-    if os.name != "posix":
-        return 0.0
-    import resource  # the peak resident memory on the CPU (Linux: KiB)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
-
-
 def format_row(row, total_steps):
     terms = [f"{k} {v:.4g}" for k, v in row.items() if k not in ("step", "epoch", "lr", "it_s", "img_s", "mem_gb")]
     eta = datetime.timedelta(seconds=int((total_steps - row["step"]) / max(row["it_s"], 1e-9)))
     return " | ".join([f"step {row['step']:06d}", *terms, f"{row['it_s']:.2f} it/s", f"{row['img_s']:.0f} img/s",
-                       f"eta {eta}", f"{row['mem_gb']:.1f} GB"])
+                       f"eta {eta}"] + [f"{row['mem_gb']:.1f} GB"] * (row["mem_gb"] > 0))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
