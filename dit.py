@@ -84,7 +84,7 @@ class LabelEmbedder(nn.Module):
     def forward(self, labels, train):
         # important! label dropout (classifier-free guidance training) happens only in train mode
         if train and self.dropout_prob > 0:
-            drop = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
+            drop = torch.rand(len(labels), device=labels.device) < self.dropout_prob
             labels = torch.where(drop, self.num_classes, labels)
         return self.embedding_table(labels)
 
@@ -151,7 +151,7 @@ class FinalLayer(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=True))
 
     def forward(self, x, c):
-        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)                   # (N, D) each
         return self.linear(modulate(self.norm_final(x), shift, scale))
 
 
@@ -161,9 +161,8 @@ class DiT(nn.Module):
     def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28, num_heads=16,
                  mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=1000, learn_sigma=True):
         super().__init__()
-        assert input_size % patch_size == 0, f"input size {input_size} is not divisible by the patch size {patch_size}"
-        self.in_channels, self.learn_sigma = in_channels, learn_sigma
-        self.out_channels = in_channels * 2 if learn_sigma else in_channels
+        assert input_size % patch_size == 0, f"input size {input_size} is not a multiple of patch size {patch_size}"
+        self.in_channels, self.learn_sigma, self.out_channels = in_channels, learn_sigma, in_channels * (1 + learn_sigma)
         self.input_size, self.patch_size, self.num_classes = input_size, patch_size, num_classes
         self.depth, self.hidden_size, self.num_heads = depth, hidden_size, num_heads
         self.grad_checkpointing = False  # recompute each block in backward: less memory, more compute
@@ -479,14 +478,12 @@ def read_checkpoint(path):
     path = os.path.join(path, "checkpoint.pt") if os.path.isdir(path) else str(path)
     if not os.path.isfile(path):
         raise ValueError(f"checkpoint {path} does not exist: check the path (a run folder must hold checkpoint.pt)")
-    if os.path.getsize(path) == 0:
-        raise ValueError(f"checkpoint {path} is empty (0 bytes; its write was interrupted): use an earlier checkpoint")
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, foreign pickle, not a torch file: each raises its own type
-        raise ValueError(f"could not read {path} as a PyTorch checkpoint ({type(e).__name__}): it is truncated or "
-                         f"not a checkpoint; pass a checkpoint.pt written by train.py or a released DiT/SiT .pt "
+        raise ValueError(f"could not read {path} as a PyTorch checkpoint ({type(e).__name__}): it is empty, truncated "
+                         f"or not a checkpoint; pass a checkpoint.pt written by train.py or a released DiT/SiT .pt "
                          f"file") from e
 
 
@@ -505,13 +502,12 @@ def state_dict_of(obj, prefer="ema"):
 def describe_state_dict(sd, latent_factor=8):
     """'XL/2 at 256x256 (latent 32x32)' from the shapes of a DiT-layout state dict, for mismatch messages."""
     try:
-        hidden, grid = sd["pos_embed"].shape[-1], round(sd["pos_embed"].shape[1] ** 0.5)
-        patch = sd["x_embedder.proj.weight"].shape[-1]
+        (_, tokens, width), patch = sd["pos_embed"].shape, sd["x_embedder.proj.weight"].shape[-1]
         depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
-    except (KeyError, ValueError, IndexError, AttributeError):
+    except (KeyError, ValueError, AttributeError):
         return "an unrecognised model"
-    size = next((s for s, (d, w, _) in SIZES.items() if (d, w) == (depth, hidden)), f"depth {depth}/width {hidden}")
-    side = grid * patch
+    size = next((s for s, (d, w, _) in SIZES.items() if (d, w) == (depth, width)), f"depth {depth}/width {width}")
+    side = round(tokens ** 0.5) * patch
     return f"{size}/{patch} at {side * latent_factor}x{side * latent_factor} (latent {side}x{side})"
 
 
@@ -594,9 +590,8 @@ class Progress:
     seconds and once at close (total None: no total, no eta)."""
 
     def __init__(self, total, label, every=10.0, enabled=True):
-        self.total, self.label, self.every, self.enabled = total, label, every, enabled
-        self.done, self.start = 0, time.time()
-        self.last = self.start
+        self.total, self.label, self.every, self.enabled, self.done = total, label, every, enabled, 0
+        self.start = self.last = time.time()
 
     def update(self, n=1, note=""):
         self.done += n
@@ -610,8 +605,7 @@ class Progress:
         rate = self.done / max(now - self.start, 1e-9)
         parts = [f"{self.label} {self.done}" + ("" if self.total is None else f"/{self.total}"), f"{rate:.2f}/s"]
         if self.total is not None:
-            left = int(max(self.total - self.done, 0) / max(rate, 1e-9))
-            parts.append(f"eta {left // 3600}:{left // 60 % 60:02d}:{left % 60:02d}")
+            parts.append(f"eta {datetime.timedelta(seconds=int(max(self.total - self.done, 0) / max(rate, 1e-9)))}")
         print(" | ".join(parts + ([note] if note else [])), file=sys.stderr, flush=True)
 
 
