@@ -601,10 +601,11 @@ def main(argv=None):
     print(vars(args))
 
     if args.command == "shapes":
-        K, S, M = len(SHAPES), args.image_size, args.per_class
-        imgs, _ = render_shapes(np.arange(K * M), K, S, args.seed)            # index i has class i % K
-        Image.fromarray(imgs.reshape(M, K, 3, S, S).transpose(1, 3, 0, 4, 2).reshape(K * S, M * S, 3)).save(args.out)
-        print(f"wrote {args.out}: rows {', '.join(SHAPES)}")
+        from sample import save_grid  # the one grid writer
+        K, M = len(SHAPES), args.per_class
+        index = np.arange(K * M).reshape(M, K).T.reshape(-1)                   # row k: class k (index % K)
+        imgs, _ = render_shapes(index, K, args.image_size, args.seed)
+        print(f"wrote {save_grid(imgs.transpose(0, 2, 3, 1), args.out, M)}: rows {', '.join(SHAPES)}")
         return
     with distributed(args.device):
         try:
