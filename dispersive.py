@@ -1,9 +1,9 @@
 """
 Dispersive Loss (Wang & He 2025, "Diffuse and Disperse"): InfoNCE without positive pairs, a regulariser on the
 intermediate features z (B, ...) of the training batch, L = L_diff + λ · L_disp(z). With z flattened to (B, d) and
-D_ij = ‖z_i − z_j‖² / d, the default infonce_l2 is log mean_ij exp(−D_ij / τ) over all B² pairs, diagonal included
-(at τ = 1, the official PyTorch code's loss), so it is >= −log B: a logged value near −log B (−3.47 for B = 32 per
-GPU) is expected, the regulariser works by staying there.
+D_ij = ‖z_i − z_j‖² / d, the default infonce_l2 is log mean_ij exp(−D_ij / τ) over all B² pairs, diagonal
+included (at τ = 1, the official PyTorch code's loss), so it is >= −log B: a logged value near −log B (−3.47 for
+B = 32 per GPU) is expected, the regulariser works by staying there.
 
     out, z = model(x_t, t, y, return_features=4)     # a model that returns block 4's output (1-based), or any
     with capture(model, "blocks.3") as feats:        # nn.Module: record that submodule's output in the same pass
@@ -54,8 +54,8 @@ def dispersive_loss(z, variant="infonce_l2", tau=0.5, margin=1.0, gather=False):
 
 
 def contrastive_loss(z1, z2, tau=0.5):
-    """The paper's baseline WITH positive pairs: InfoNCE between two views (B, ...) of the same batch,
-    L = mean_i −log softmax_j(−‖z1_i − z2_j‖² / (d τ))_i (anchor z1_i, positive z2_i); float32 like dispersive_loss.
+    """The paper's baseline WITH positive pairs: InfoNCE between two views (B, ...) of the same batch, in float32
+    like dispersive_loss: L = mean_i −log softmax_j(−‖z1_i − z2_j‖² / (d τ))_i (anchor z1_i, positive z2_i).
     """
     _check_options("infonce_l2", tau, 0.0, VARIANTS)
     z1, z2 = _features(z1, "z1"), _features(z2, "z2")  # (B, d) each
@@ -136,8 +136,8 @@ def _features(z, name="z"):
     return z.reshape(len(z), -1).to(torch.promote_types(z.dtype, torch.float32))
 
 
-# --- Speed: distances from one Gram-matrix matmul, ‖a‖² + ‖b‖² − 2a·b, instead of torch.pdist (several times
-# slower forward and backward); the rows are centred first (on a detached mean: distances are translation
+# --- Speed: distances from one Gram-matrix matmul, ‖a‖² + ‖b‖² − 2a·b, instead of torch.pdist (several
+# times slower forward and backward); the rows are centred first (on a detached mean: distances are translation
 # invariant) so that float32 keeps the digits this subtraction loses when features share a large offset.
 def _sq_dists(z):
     """D_ij = ‖z_i − z_j‖² / d of z (B, d), a (B, B) matrix clamped at 0 and exactly 0 on the diagonal."""

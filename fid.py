@@ -24,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from functools import cache, partial
 from itertools import groupby
+from pathlib import Path
 
 import numpy as np
 import scipy.linalg
@@ -43,9 +44,9 @@ MODES = ("pytorch-fid", "tf")
 METRICS = {"fid": ("pool3", "mu"), "sfid": ("spatial", "mu_s"), "is": ("logits_unbiased", None), "pr": ("pool3", None)}
 SPATIAL_CHANNELS = 7  # ADM keeps mixed_6/conv[..., :7]: 17 * 17 * 7 = 2023 sFID features
 DIMS = {"pool3": 2048, "logits": 1008, "logits_unbiased": 1008, "spatial": 17 * 17 * SPATIAL_CHANNELS}
-SUGGESTED_BY_KEYS = {  # statistics files without a mode: what their keys tell
-    "tf": "its keys (mu, sigma, mu_s, sigma_s) are ADM's reference-batch layout, computed with the TF graph",
-    "pytorch-fid": "mu/sigma alone is pytorch-fid's statistics format, computed with pytorch-fid's preprocessing"}
+# what the keys of a statistics file that does not state its mode suggest
+SUGGESTED_BY_KEYS = {"tf": "mu, sigma, mu_s, sigma_s are ADM's reference-batch layout, made with the TF graph",
+                     "pytorch-fid": "mu/sigma alone is pytorch-fid's statistics format, made with its preprocessing"}
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm")
 
 
@@ -100,9 +101,8 @@ class InceptionB(nn.Module):  # Mixed_6a: 35x35 -> 17x17
 
 
 class InceptionC(nn.Module):  # Mixed_6b..6e
-    def __init__(self, in_channels, channels_7x7):
+    def __init__(self, in_channels, c7):  # c7: channels inside the 7x7 branches
         super().__init__()
-        c7 = channels_7x7
         self.branch1x1 = BasicConv2d(in_channels, 192, kernel_size=1)
         self.branch7x7_1 = BasicConv2d(in_channels, c7, kernel_size=1)
         self.branch7x7_2 = BasicConv2d(c7, c7, kernel_size=(1, 7), padding=(0, 3))
@@ -175,10 +175,10 @@ class FIDInception(nn.Module):
         self.Mixed_5c = InceptionA(256, pool_features=64)
         self.Mixed_5d = InceptionA(288, pool_features=64)
         self.Mixed_6a = InceptionB(288)
-        self.Mixed_6b = InceptionC(768, channels_7x7=128)
-        self.Mixed_6c = InceptionC(768, channels_7x7=160)
-        self.Mixed_6d = InceptionC(768, channels_7x7=160)
-        self.Mixed_6e = InceptionC(768, channels_7x7=192)
+        self.Mixed_6b = InceptionC(768, c7=128)
+        self.Mixed_6c = InceptionC(768, c7=160)
+        self.Mixed_6d = InceptionC(768, c7=160)
+        self.Mixed_6e = InceptionC(768, c7=192)
         self.Mixed_7a = InceptionD(768)
         self.Mixed_7b = InceptionE(1280, pool="avg")
         self.Mixed_7c = InceptionE(2048, pool="max")
@@ -214,13 +214,12 @@ def load_inception(weights=None, device="cpu"):
         raise FIDError(f"the weights must be a state dict, got {type(state_dict).__name__}; use {WEIGHTS_NAME}")
     with torch.device("meta"):  # no random init of 24M parameters that are overwritten right away
         model = FIDInception()
-    expected = model.state_dict()
-    state_dict = {**{k: torch.zeros((), dtype=torch.long) for k in expected if k.endswith("num_batches_tracked")},
-                  **state_dict}  # some weight files omit the BatchNorm counters, which eval mode never reads
-    bad = {"missing keys": [k for k in expected if k not in state_dict],
-           "unexpected keys": [k for k in state_dict if k not in expected],
-           "keys of another shape": [k for k in expected if k in state_dict
-                                     and tuple(state_dict[k].shape) != tuple(expected[k].shape)]}
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    counters = {k: torch.zeros((), dtype=torch.long) for k in shapes if k.endswith("num_batches_tracked")}
+    state_dict = {**counters, **state_dict}  # some weight files omit the BatchNorm counters, which eval never reads
+    bad = {"missing keys": [k for k in shapes if k not in state_dict],
+           "unexpected keys": [k for k in state_dict if k not in shapes],
+           "keys of another shape": [k for k in shapes if k in state_dict and state_dict[k].shape != shapes[k]]}
     if any(bad.values()):
         bad = "; ".join(f"{len(keys)} {what}, e.g. {keys[:2]}" for what, keys in bad.items())
         raise FIDError(f"these weights are not the FID Inception's ({bad}); use pytorch-fid's {WEIGHTS_NAME}")
@@ -230,31 +229,26 @@ def load_inception(weights=None, device="cpu"):
 
 
 def _read_weights(path=None):
-    """(state dict, is it pytorch-fid's release?) of a .pth file; None: torch.hub's copy, downloaded once."""
+    """(state dict, is it pytorch-fid's release?) of a .pth file; None: torch.hub's copy, downloaded there once."""
     cached = path is None
     path = os.path.join(torch.hub.get_dir(), "checkpoints", WEIGHTS_NAME) if cached else os.fspath(path)
-    if not cached and not os.path.isfile(path):
-        raise FIDError(f"weights file {path} not found; pass --weights /path/to/{WEIGHTS_NAME}, or leave --weights out")
-    official = os.path.isfile(path) and _sha256(path).startswith(WEIGHTS_SHA256_PREFIX)
-    if os.path.isfile(path) and os.path.basename(path) == WEIGHTS_NAME and not official:
+    if not os.path.isfile(path):
+        if not cached:
+            raise FIDError(f"weights file {path} not found; pass --weights /path/to/{WEIGHTS_NAME}, or drop --weights")
+        try:  # torch.hub checks the sha256 prefix of what it downloads
+            return load_url(WEIGHTS_URL, check_hash=True), True
+        except RuntimeError as e:  # offline, or a download that is not the weights; load_url says where to put them
+            raise FIDError(f"{e}; or pass --weights /path/to/{WEIGHTS_NAME}") from e
+    # torch.hub does not check a file already in its cache: a damaged download is caught here
+    official = hashlib.sha256(Path(path).read_bytes()).hexdigest().startswith(WEIGHTS_SHA256_PREFIX)
+    if os.path.basename(path) == WEIGHTS_NAME and not official:
         raise FIDError(f"{path} is corrupt (its sha256 does not start with {WEIGHTS_SHA256_PREFIX}); delete it and "
                        f"download {WEIGHTS_URL} again, or pass --weights /path/to/{WEIGHTS_NAME}")
     try:
-        if cached:  # torch.hub checks the sha256 prefix of what it downloads
-            return load_url(WEIGHTS_URL, check_hash=True), True
         return torch.load(path, map_location="cpu", weights_only=True), official
-    except Exception as e:  # offline, a truncated file, an HTML error page saved as .pth, a pickle of another kind
-        raise FIDError(f"{e}; or pass --weights /path/to/{WEIGHTS_NAME}" if cached else
-                       f"cannot read the weights file {path} ({type(e).__name__}: {e}); download {WEIGHTS_URL} "
+    except Exception as e:  # a truncated file, an HTML error page saved as .pth, a pickle of another kind
+        raise FIDError(f"cannot read the weights file {path} ({type(e).__name__}: {e}); download {WEIGHTS_URL} "
                        f"and pass --weights /path/to/{WEIGHTS_NAME}") from e
-
-
-def _sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _state_dict_id(state_dict):
@@ -289,8 +283,7 @@ def preprocess(images, mode="pytorch-fid"):
     x = images.permute(0, 3, 1, 2).float()  # (N, 3, H, W) in [0, 255]
     if mode == "pytorch-fid":
         return 2 * F.interpolate(x / 255, size=(299, 299), mode="bilinear", align_corners=False, antialias=False) - 1
-    assert mode == "tf", mode
-    return (resize_bilinear_tf1(x, 299) - 128) / 128  # at 299 the TF1 resize is the identity
+    return (resize_bilinear_tf1(x, 299) - 128) / 128  # mode "tf"; at 299 the TF1 resize is the identity
 
 
 # ----------------------------------------------------------------------------- features
@@ -322,16 +315,16 @@ def extract_features(images, model, mode="pytorch-fid", batch_size=64, device=No
     model.to(device)
     if isinstance(images, (np.ndarray, torch.Tensor)):
         total, images = len(images), [images]
-    out, seen, bar = {k: [] for k in features}, 0, Progress(total, f"fid: {mode} features", enabled=progress)
+    out, bar = {k: [] for k in features}, Progress(total, f"fid: {mode} features", enabled=progress)
     with full_float32():
-        for batch in images:
+        for n, batch in enumerate(images):
             check_images(batch.shape, batch.dtype)
+            if n == 0 and len(batch) and int(batch[:batch_size].max()) <= 1:
+                warnings.warn("every pixel of the first batch is 0 or 1: images in [0, 1] were probably cast "
+                              "to uint8 without multiplying by 255")
             for i in range(0, len(batch), batch_size):  # an iterator may yield batches larger than batch_size
                 chunk = batch[i:i + batch_size]
                 x = torch.as_tensor(np.array(chunk) if isinstance(chunk, np.ndarray) else chunk).to(device)
-                if seen == 0 and x.numel() and int(x.max()) <= 1:
-                    warnings.warn("every pixel of the first batch is 0 or 1: images in [0, 1] were probably cast "
-                                  "to uint8 without multiplying by 255")
                 pool3, spatial = model(preprocess(x, mode), return_spatial=True)
                 if not torch.isfinite(pool3).all():
                     raise FIDError("the Inception network produced NaN/inf features, so its weights are corrupt: "
@@ -341,7 +334,6 @@ def extract_features(images, model, mode="pytorch-fid", batch_size=64, device=No
                        "spatial": spatial.reshape(len(x), -1)}         # (N, 2023)
                 for k in features:
                     out[k].append(got[k].cpu().numpy())
-                seen += len(x)
                 bar.update(len(x))
     bar.close()
     return {k: np.concatenate(v) if v else np.zeros((0, DIMS[k]), np.float32) for k, v in out.items()}
@@ -373,12 +365,12 @@ def compute_statistics(features, chunk=8192):
     if features.ndim != 2 or len(features) < 2:
         raise FIDError(f"a covariance needs (N, D) features of at least 2 images, got shape {features.shape}")
     n, d = features.shape
-    if not all(np.isfinite(features[i:i + chunk]).all() for i in range(0, n, chunk)):
+    mu = sum(features[i:i + chunk].astype(np.float64).sum(0) for i in range(0, n, chunk)) / n
+    if not np.isfinite(mu).all():  # a NaN or inf anywhere makes its column's mean one
         raise FIDError("the features contain NaN/inf; check the images and the Inception weights")
     if n <= d:
         warnings.warn(f"{n} images for {d}-dim features: the covariance is singular, so this FID is biased and "
                       f"comparable to nothing; use at least {d + 1} images (50,000 is standard)")
-    mu = sum(features[i:i + chunk].astype(np.float64).sum(0) for i in range(0, n, chunk)) / n
     sigma = np.zeros((d, d))
     for i in range(0, n, chunk):
         xc = features[i:i + chunk].astype(np.float64) - mu
@@ -433,8 +425,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
     m = b.T @ sigma2 @ b
     lam = scipy.linalg.eigh((m + m.T) / 2, eigvals_only=True, check_finite=False)
     tr_covmean = np.sqrt(_drop_round_off(lam)).sum()
-    diff = mu1 - mu2
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
+    return float((mu1 - mu2) @ (mu1 - mu2) + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
 
 
 def frechet_distance_sqrtm(mu1, sigma1, mu2, sigma2, eps=1e-6):
@@ -445,12 +436,9 @@ def frechet_distance_sqrtm(mu1, sigma1, mu2, sigma2, eps=1e-6):
         warnings.warn(f"sqrtm of a singular product; adding {eps} to the covariance diagonals")
         offset = np.eye(len(sigma1)) * eps
         covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
-    if np.iscomplexobj(covmean):
-        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-            raise ValueError(f"sqrtm has an imaginary component of {np.max(np.abs(covmean.imag)):.3g}")
-        covmean = covmean.real
-    diff = mu1 - mu2
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+    if np.iscomplexobj(covmean) and not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+        raise ValueError(f"sqrtm has an imaginary component of {np.max(np.abs(covmean.imag)):.3g}")
+    return float((mu1 - mu2) @ (mu1 - mu2) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean.real))
 
 
 def inception_score(logits, splits=10):
@@ -477,8 +465,7 @@ def inception_score(logits, splits=10):
 def _squared_distances(a, b):
     # ‖a‖² − 2 a·b + ‖b‖², clamped at 0, as ADM's DistanceBlock; its float16 first pass is not copied:
     # float32 throughout (ADM's own fallback) only moves points within ~1e-3 of a ball's edge
-    d = (a * a).sum(1)[:, None] - 2 * (a @ b.T) + (b * b).sum(1)[None, :]
-    return d.clamp_(min=0)
+    return ((a * a).sum(1)[:, None] - 2 * (a @ b.T) + (b * b).sum(1)[None, :]).clamp_(min=0)
 
 
 def knn_radii(features, k=3, batch_size=10000):
@@ -486,17 +473,16 @@ def knn_radii(features, k=3, batch_size=10000):
     n = len(features)
     if n <= k:
         raise FIDError(f"precision/recall with k = {k} needs more than {k} images per set, got {n}")
-    radii = torch.empty(n, dtype=features.dtype, device=features.device)
+    radii = []
     for i in range(0, n, batch_size):
-        rows, best = features[i:i + batch_size], None
+        nearest = []  # the k + 1 nearest of each block of columns, then the k + 1 nearest of those
         for j in range(0, n, batch_size):
-            d = _squared_distances(rows, features[j:j + batch_size])
+            d = _squared_distances(features[i:i + batch_size], features[j:j + batch_size])
             if i == j:
                 d.fill_diagonal_(0)  # the point itself: exactly 0, whatever the float32 round-off
-            top = d.topk(min(k + 1, d.shape[1]), dim=1, largest=False).values
-            best = top if best is None else torch.cat([best, top], 1).topk(k + 1, dim=1, largest=False).values
-        radii[i:i + batch_size] = best[:, k]
-    return radii
+            nearest.append(d.topk(min(k + 1, d.shape[1]), dim=1, largest=False).values)
+        radii.append(torch.cat(nearest, 1).topk(k + 1, dim=1, largest=False).values[:, k])
+    return torch.cat(radii)
 
 
 def precision_recall(ref_features, sample_features, k=3, batch_size=10000, device=None):
@@ -510,7 +496,6 @@ def precision_recall(ref_features, sample_features, k=3, batch_size=10000, devic
     ref, sam = (torch.as_tensor(np.asarray(f, np.float32), device=device) for f in (ref_features, sample_features))
     if ref.ndim != 2 or sam.ndim != 2 or ref.shape[1] != sam.shape[1]:
         raise FIDError(f"features must be (N, D) with the same D, got {tuple(ref.shape)} and {tuple(sam.shape)}")
-    batch_size = max(batch_size, k + 1)
     with full_float32():
         r_ref, r_sam = knn_radii(ref, k, batch_size), knn_radii(sam, k, batch_size)
         sample_in, ref_in = (torch.zeros(len(x), dtype=torch.bool, device=device) for x in (sam, ref))
@@ -528,48 +513,45 @@ class Source:
     """One positional input: images (an npz's arr_0 or a folder) and/or statistics (mu, sigma, mu_s, sigma_s)."""
 
     def __init__(self, path):
-        self.path, self.files, self.stats, self.meta, self.num_images = path, None, {}, {}, 0
+        self.path, self.files, self.stats, self.meta, self.num_images = path, [], {}, {}, 0
         if os.path.isdir(path):
             self.files = _list_images(path)
             if not self.files:
                 raise FIDError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {path}")
             self.num_images = len(self.files)
-        elif not (os.path.isfile(path) and path.endswith(".npz")):
+            return
+        if not (os.path.isfile(path) and path.endswith(".npz")):
             raise FIDError(f"{path} {'is not an .npz' if os.path.exists(path) else 'does not exist'}; give an .npz "
                            f"(arr_0 uint8 NHWC images, or mu/sigma statistics) or a folder of images")
-        else:
-            self._read_npz()
-
-    def _read_npz(self):
         try:
-            with np.load(self.path) as npz:
-                keys = set(npz.files)
+            with np.load(path) as npz:
+                keys = npz.files
                 self.stats = {k: npz[k].astype(np.float64) for k in ("mu", "sigma", "mu_s", "sigma_s") if k in keys}
                 self.meta = {k: str(npz[k]) for k in ("mode", "network") if k in keys}
         except Exception as e:
-            raise FIDError(f"cannot read {self.path} as .npz ({type(e).__name__}: {e})") from e
+            raise FIDError(f"cannot read {path} as .npz ({type(e).__name__}: {e})") from e
         for mu, sigma in (("mu", "sigma"), ("mu_s", "sigma_s")):
             if (mu in self.stats) != (sigma in self.stats):
-                raise FIDError(f"{self.path} holds only half of a statistics pair ({mu}/{sigma}); write it again")
+                raise FIDError(f"{path} holds only half of a statistics pair ({mu}/{sigma}); write it again")
             if sigma in self.stats:
-                check_covariance(self.stats[sigma], f"{sigma} of {self.path}")
-        if "arr_0" in keys:
-            with zipfile.ZipFile(self.path) as z, z.open("arr_0.npy") as f:
+                check_covariance(self.stats[sigma], f"{sigma} of {path}")
+        if "arr_0" in keys:  # only its header is read here: ADM's arr_0 is 9.8 GB
+            with zipfile.ZipFile(path) as z, z.open("arr_0.npy") as f:
                 shape, _, dtype = _npy_header(f)
-            check_images(shape, dtype, f"arr_0 of {self.path}")
+            check_images(shape, dtype, f"arr_0 of {path}")
             self.num_images = shape[0]
         elif not self.stats:
-            raise FIDError(f"{self.path} holds neither images (arr_0) nor statistics (mu, sigma)")
+            raise FIDError(f"{path} holds neither images (arr_0) nor statistics (mu, sigma)")
 
     def take(self, limit):
         """Keep the first `limit` images only."""
         if self.num_images and limit > self.num_images:
             raise FIDError(f"{self.path} has {self.num_images} images, fewer than --num-samples {limit}")
-        self.num_images, self.files = min(limit, self.num_images), self.files and self.files[:limit]
+        self.num_images, self.files = min(limit, self.num_images), self.files[:limit]
 
     def batches(self, batch_size, num_workers):
         return (_folder_batches(self.files, batch_size, num_workers) if self.files else
-                _npz_batches(self.path, "arr_0", batch_size, self.num_images))
+                _npz_batches(self.path, batch_size, self.num_images))
 
     def origin(self):
         """(path, mode, network, stated) for check_compatible; a mode the file does not state is read from its keys."""
@@ -577,8 +559,9 @@ class Source:
         return self.path, self.meta.get("mode", keys_say), self.meta.get("network"), "mode" in self.meta
 
     def describe(self):
-        parts = [f"{self.num_images} images"] * bool(self.num_images) + [f"stored {k}" for k in self.stats if "mu" in k]
-        return f"{self.path} ({', '.join(parts + [f'{k} {v}' for k, v in self.meta.items()])})"
+        parts = [f"{self.num_images} images"] if self.num_images else []
+        parts += [f"stored {k}" for k in self.stats if "mu" in k] + [f"{k} {v}" for k, v in self.meta.items()]
+        return f"{self.path} ({', '.join(parts)})"
 
 
 def _npy_header(f):
@@ -587,23 +570,20 @@ def _npy_header(f):
     return (np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0)(f)
 
 
-def _npz_batches(path, key, batch_size, limit):
-    """Stream `key` of an npz in batches (a 50K x 256 x 256 x 3 arr_0 is 9.8 GB), as ADM's evaluator does."""
-    with zipfile.ZipFile(path) as z, z.open(key + ".npy") as f:
+def _npz_batches(path, batch_size, limit):
+    """Stream the arr_0 of an npz in batches (a 50K x 256 x 256 x 3 arr_0 is 9.8 GB), as ADM's evaluator does."""
+    with zipfile.ZipFile(path) as z, z.open("arr_0.npy") as f:
         shape, fortran_order, dtype = _npy_header(f)
-        if fortran_order:  # rare: read the whole array
-            arr = np.load(path)[key][:limit]
-            yield from (arr[i:i + batch_size] for i in range(0, len(arr), batch_size))
+        if fortran_order:  # rare: one batch of the whole array, which extract_features splits
+            yield np.load(path)["arr_0"][:limit]
             return
+        image_bytes = np.dtype(dtype).itemsize * int(np.prod(shape[1:]))
         for i in range(0, limit, batch_size):
-            batch = np.empty((min(batch_size, limit - i), *shape[1:]), dtype)
-            view, got = memoryview(batch).cast("B"), 0
-            while got < len(view):
-                n = f.readinto(view[got:])
-                if not n:
-                    raise FIDError(f"{path} is truncated (it ends in image {i + got // batch[0].nbytes}); rewrite it")
-                got += n
-            yield batch
+            n = min(batch_size, limit - i)
+            data = f.read(n * image_bytes)  # fewer bytes only at the end of the file
+            if len(data) < n * image_bytes:
+                raise FIDError(f"{path} is truncated (it ends in image {i + len(data) // image_bytes}); rewrite it")
+            yield np.frombuffer(data, dtype).reshape(n, *shape[1:])
 
 
 def _list_images(folder):
@@ -650,17 +630,19 @@ def load_statistics(path):
 
 
 def check_compatible(origins):
-    """origins: (label, mode, network, stated) of each set compared (network None: unknown). Stated modes (images,
-    files that say theirs) and known networks must agree; a mode only suggested by a file's keys gets a warning."""
-    for i, what in ((1, "--mode"), (2, "Inception weights (--weights)")):
-        known = [(o[0], o[i]) for o in origins if o[i] is not None and (i == 2 or o[3])]
+    """origins: (label, mode, network, stated) of each set compared (network None: unknown; stated False: the mode
+    is only suggested by a statistics file's keys). Stated modes (images, files that say theirs) and known networks
+    must agree; a suggested mode that differs gets a warning."""
+    stated = [(label, mode) for label, mode, _, said in origins if said]
+    networks = [(label, network) for label, _, network, _ in origins if network is not None]
+    for what, known in (("--mode", stated), ("Inception weights (--weights)", networks)):
         for label, value in known[1:]:
             if value != known[0][1]:
                 raise FIDError(f"{label} was computed with {what} {value} but {known[0][0]} with {known[0][1]}; use "
                                f"the same {what} for both (rerun, or recompute the statistics)")
-    mode = next((o[1] for o in origins if o[3]), origins[0][1] if origins else None)
-    for label, guess, _, stated in origins:
-        if not stated and guess != mode:
+    mode = stated[0][1] if stated else (origins[0][1] if origins else None)
+    for label, guess, _, said in origins:
+        if not said and guess != mode:
             warnings.warn(f"{label} does not say its mode; {SUGGESTED_BY_KEYS[guess]} (--mode {guess}), so numbers "
                           f"against it in --mode {mode} are not comparable")
 
@@ -668,19 +650,9 @@ def check_compatible(origins):
 # ----------------------------------------------------------------------------- command line
 
 _count = checked(int, lambda v: v >= 1, "an integer >= 1")
-
-
-def _dims(text):
-    if text != "2048":
-        raise argparse.ArgumentTypeError(f"only 2048 (pool3, pytorch-fid's default) is supported, got {text}; drop it")
-    return 2048
-
-
-def _metrics(text):
-    metrics = [m.strip() for m in text.split(",") if m.strip()]
-    if not metrics or set(metrics) - set(METRICS):
-        raise argparse.ArgumentTypeError(f"expected names from {','.join(METRICS)}, got {text!r}")
-    return metrics
+_dims = checked(int, lambda v: v == 2048, "2048, pool3 (only 2048 is supported; drop the flag)")
+_metrics = checked(lambda text: [m.strip() for m in text.split(",") if m.strip()],
+                   lambda names: names and set(names) <= set(METRICS), f"names from {','.join(METRICS)}")
 
 
 def parse_args(argv=None):
@@ -730,6 +702,7 @@ def _plan(args, samples, ref):
     if ref is None and set(args.metrics or []) & {"fid", "sfid", "pr"}:
         raise FIDError("FID, sFID and precision/recall need a reference (second positional argument)")
     metrics, skipped, need = [], [], {samples: set(), ref: set()}
+    # by default every metric that applies; without a reference only IS, and nothing when statistics are being saved
     for m in args.metrics or (list(METRICS) if ref else [] if args.save_stats else ["is"]):
         feature, stored = METRICS[m]  # the feature it needs from each input without these stored statistics
         want = [samples] if m == "is" else [src for src in (samples, ref) if stored not in src.stats]
@@ -757,6 +730,7 @@ def run(args):
     device = args.device or default_device()
     model = load_inception(args.weights, device) if any(need.values()) else None
     network = model.network_id if model else None
+    # before any feature is extracted: statistics of another mode or network would give a meaningless number
     check_compatible([(f"the images of {src.path}", args.mode, network, True) for src in need if need[src]] +
                      [src.origin() for src in (samples, ref) if src is not None and src.stats])
     settings = {"mode": args.mode, "network": network, "device": str(device), "batch_size": args.batch_size,
@@ -784,10 +758,9 @@ def run(args):
         print(f"fid: saved statistics of {samples.num_images} images to {out}", file=sys.stderr)
     if "is" in metrics:
         results["inception_score"] = inception_score(feats[samples]["logits_unbiased"], args.is_splits)
-    if "fid" in metrics:
-        results["fid"] = frechet_distance(*stats(samples, "pool3"), *stats(ref, "pool3"))
-    if "sfid" in metrics:
-        results["sfid"] = frechet_distance(*stats(samples, "spatial"), *stats(ref, "spatial"))
+    for m, key in (("fid", "pool3"), ("sfid", "spatial")):
+        if m in metrics:
+            results[m] = frechet_distance(*stats(samples, key), *stats(ref, key))
     if "pr" in metrics:
         results["precision"], results["recall"] = precision_recall(feats[ref]["pool3"], feats[samples]["pool3"],
                                                                    args.pr_k, args.pr_batch_size, device)

@@ -1,7 +1,7 @@
 """
-MeanFlow (Geng et al., "Mean Flows for One-step Generative Modeling"): a DiT that predicts the average velocity
-u(z, t, r) = 1/(t − r) ∫_r^t v(z_τ, τ) dτ, trained with the MeanFlow identity u = v − (t − r)·du/dt and sampled in
-one network call. The Dispersive Loss paper regularises MeanFlow-XL/2 (1-NFE FID 3.43 -> 3.21).
+MeanFlow (Geng et al., "Mean Flows for One-step Generative Modeling"): a DiT that predicts the average
+velocity u(z, t, r) = 1/(t − r) ∫_r^t v(z_τ, τ) dτ, trained with the MeanFlow identity u = v − (t − r)·du/dt
+and sampled in one network call. The Dispersive Loss paper regularises MeanFlow-XL/2 (1-NFE FID 3.43 -> 3.21).
 
     model = MeanFlow_models["MeanFlow-XL/2"](input_size=32)       # 256x256 images -> 32x32x4 SD-VAE latents
     mf = MeanFlow(**MeanFlow_defaults["MeanFlow-XL/2"])            # ω, κ, guidance interval of that size
@@ -9,7 +9,8 @@ one network call. The Dispersive Loss paper regularises MeanFlow-XL/2 (1-NFE FID
     x0 = sample(model.eval(), torch.randn_like(x), y)             # 1-NFE: z_0 = z_1 − u(z_1, t=1, r=0)
 
 Convention (official): t = 0 is data, t = 1 is noise, z_t = (1 − t)·x + t·ε, v = ε − x. The network is called
-model(z, t, r, y) with t ≥ r and returns u, which carries z_t to z_r = z_t − (t − r)·u. Speed tricks: at the bottom.
+model(z, t, r, y) with t ≥ r and returns u, which carries z_t to z_r = z_t − (t − r)·u. Speed tricks are at the
+bottom of the file.
 """
 
 import math
@@ -75,10 +76,11 @@ def _call(model, z, t, r, y, return_features):
 class MeanFlow:
     """The MeanFlow objective around any callable model(z, t, r, y[, return_features=k]).
 
-    Guidance trained into the target: v_g = ω·v + κ·u(z_t, t, t | y) + (1 − ω − κ)·u(z_t, t, t | ∅) where t lies in
-    t_interval and the label is kept, else v (ω = 1, κ = 0: none). Labels are dropped to the null class (model.
-    num_classes, or null_class) with class_dropout_prob; a share r_neq_t_ratio of each batch has r ≠ t (paper: 25%);
-    t, r are the larger and smaller of two sigmoid(N(logit_mean, logit_std²)) draws; adaptive weight 1 / sg(L + c)^p.
+    Guidance trained into the target: v_g = ω·v + κ·u(z_t, t, t | y) + (1 − ω − κ)·u(z_t, t, t | ∅) where t
+    lies in t_interval and the label is kept, else v (ω = 1, κ = 0: none). Labels are dropped to the null class
+    (model.num_classes, or null_class) with class_dropout_prob; a share r_neq_t_ratio of each batch has r ≠ t
+    (paper: 25%). t, r are the larger and smaller of two sigmoid(N(logit_mean, logit_std²)) draws. Adaptive
+    weight: 1 / sg(L + c)^p.
     """
 
     def __init__(self, omega=1.0, kappa=0.5, t_interval=(0.0, 1.0), class_dropout_prob=0.1, r_neq_t_ratio=0.25,
@@ -90,7 +92,8 @@ class MeanFlow:
         self.adaptive_p, self.adaptive_c = adaptive_p, adaptive_c                                 # p, c
 
     def num_r_neq_t(self, batch_size):
-        """Rows with r ≠ t: ⌈ratio·B⌉, the last rows of the batch (official: the first int(0.75·B) have r = t)."""
+        """Rows with r ≠ t: ⌈ratio·B⌉, the last rows of the batch (official: r = t on the first
+        int(0.75·B))."""
         return batch_size - math.floor((1.0 - self.r_neq_t_ratio) * batch_size + 1e-9)
 
     def sample_times(self, batch_size, device=None, dtype=torch.float32):
@@ -115,9 +118,9 @@ class MeanFlow:
         return rows if drop is None else rows & ~drop
 
     def guided_velocity(self, model, z, t, y, v, drop=None, skip_kappa=None):
-        """v_g = ω·v + κ·u(z, t, t | y) + (1 − ω − κ)·u(z, t, t | ∅) on the guided rows (t in t_interval, label kept),
-        v elsewhere: one batched no-grad call on the guided rows only. The rows of the mask skip_kappa get no κ term
-        (the caller adds it: see Speed, deferred κ)."""
+        """v_g = ω·v + κ·u(z, t, t | y) + (1 − ω − κ)·u(z, t, t | ∅) on the guided rows (t in t_interval,
+        label kept), v elsewhere: one batched no-grad call on the guided rows only. The rows of the mask skip_kappa
+        get no κ term (the caller adds it: see Speed, deferred κ)."""
         if self.omega == 1.0 and self.kappa == 0.0:
             return v
         rows = self.guided_rows(t, drop)
@@ -139,9 +142,10 @@ class MeanFlow:
         return v_g
 
     def training_losses(self, model, x, y, t=None, r=None, noise=None, return_features=None):
-        """Per-sample MeanFlow loss of data x (B, C, H, W) with labels y (B,); t ≥ r (B,) drawn by sample_times unless
-        given (both or neither), noise ε like x. Draws on torch's global RNG: t and r, ε, label dropout. Returns
-        {"loss": w·L (its mean is the objective), "mse_uv": ‖u − v‖² per sample (logging), "feats": block output}.
+        """Per-sample MeanFlow loss of data x (B, C, H, W) with labels y (B,); t ≥ r (B,) drawn by sample_times
+        unless given (both or neither), noise ε like x. Draws on torch's global RNG: t and r, ε, label dropout.
+        Returns {"loss": w·L (its mean is the objective), "mse_uv": ‖u − v‖² per sample (logging),
+        "feats": block output}.
 
         important! `model` must be the plain network: inside DDP, wrap a module that holds model and objective and
         call this from its forward(), so that the JVP never runs through the DDP wrapper.
@@ -178,8 +182,9 @@ class MeanFlow:
 
 
 def jvp(model, z, t, r, y, v_g, return_features=None):
-    """(u, du/dt, feats): u = model(z, t, r, y) and du/dt = ∂u/∂z·v_g + ∂u/∂t from one forward-mode AD pass, whose
-    primal u is the prediction that is regressed. Float32 with autocast off: the target's cancellation needs it."""
+    """(u, du/dt, feats): u = model(z, t, r, y) and du/dt = ∂u/∂z·v_g + ∂u/∂t from one forward-mode AD pass,
+    whose primal u is the prediction that is regressed. Float32 with autocast off: the target's cancellation
+    needs it."""
     z, t, r, v_g = _up(z), _up(t), _up(r), _up(v_g)
     model = getattr(model, "_orig_mod", model)  # important! torch.compile has no forward AD: run the eager module
     with torch.autocast(device_type=z.device.type, enabled=False), _forward_ad_ready(model), fwAD.dual_level():
@@ -214,10 +219,10 @@ def sample(model, z, y, num_steps=1, time_grid=None, progress=False):
 # ---------------------------------------------------------------------------------------------------------
 
 def predict_and_target(model, z, t, r, y, v_g, return_features=None, n_eq=None):
-    """(u, u_tgt = sg(v_g − (t − r)·du/dt), feats) in batch order. Only the r ≠ t rows take the JVP (on r = t rows the
-    target is v_g exactly), the others a plain forward: forward-mode AD is paid on a quarter of the batch. n_eq: the
-    first n_eq rows have r = t (as sample_times draws them), a split by position with no host read; None sorts the
-    rows first (one host read)."""
+    """(u, u_tgt = sg(v_g − (t − r)·du/dt), feats) in batch order. Only the r ≠ t rows take the JVP (on r = t
+    rows the target is v_g exactly), the others a plain forward: forward-mode AD is paid on a quarter of the batch.
+    n_eq: the first n_eq rows have r = t (as sample_times draws them), a split by position with no host read; None
+    sorts the rows first (one host read)."""
     if n_eq is None:
         order = torch.argsort((r != t).to(torch.int32), stable=True)              # r = t rows first
         inv = torch.argsort(order)

@@ -55,9 +55,9 @@ def _expand(t, x):
 class Transport:
     """The interpolant x_t = α_t·x1 + σ_t·x0 and its velocity α̇·x1 + σ̇·x0, which the network regresses.
 
-    path: "linear" (α = t, σ = 1 − t; the velocity is x1 − x0), "gvp" (α = sin(πt/2), σ = cos(πt/2)) or "vp" (the
-    official VP path, β from 0.1 to 20). VP stops short of t = 1, where σ = 0 divides: at 1 − 1e-5 in training and
-    1 − 1e-3 in sampling (the official defaults); linear and gvp use all of [0, 1].
+    path: "linear" (α = t, σ = 1 − t; the velocity is x1 − x0), "gvp" (α = sin(πt/2), σ = cos(πt/2)) or "vp"
+    (the official VP path, β from 0.1 to 20). VP stops short of t = 1, where σ = 0 divides: at 1 − 1e-5 in training
+    and 1 − 1e-3 in sampling (the official defaults); linear and gvp use all of [0, 1].
     """
 
     def __init__(self, path="linear"):
@@ -85,15 +85,15 @@ class Transport:
         return 1.0 - (last_step_size if sde and last_step_size > 0 else eps)
 
     def score(self, v, x, t):
-        """∇log p_t(x) from the velocity v at (x, t): (α·v − α̇·x) / (σ·(α̇·σ − α·σ̇)); (t·v − x) / (1 − t) on the
-        linear path."""
+        """∇log p_t(x) from the velocity v at (x, t): (α·v − α̇·x) / (σ·(α̇·σ − α·σ̇)), which is
+        (t·v − x) / (1 − t) on the linear path."""
         alpha, sigma, d_alpha, d_sigma = self.coefficients(_expand(t, x))
         return (alpha * v - d_alpha * x) / (sigma * (d_alpha * sigma - alpha * d_sigma))
 
     def training_losses(self, model, x1, y, t=None, x0=None, return_features=None):
-        """Per-sample ‖model(x_t, t, y) − (α̇·x1 + σ̇·x0)‖² averaged over C, H, W: {"loss": (N,), "feats": (N, T, D)
-        output of block `return_features` or None}. x0 ~ N(0, I), then t ~ U[0, t_end], from torch's global RNG
-        (the official order) when not given."""
+        """Per-sample ‖model(x_t, t, y) − (α̇·x1 + σ̇·x0)‖² averaged over C, H, W: {"loss": (N,), "feats":
+        (N, T, D) output of block `return_features` or None}. x0 ~ N(0, I), then t ~ U[0, t_end], from torch's
+        global RNG (the official order) when not given."""
         if x0 is None:
             x0 = torch.randn_like(x1)
         if t is None:
