@@ -97,9 +97,10 @@ def render_shapes(indices, num_classes, image_size, seed, supersample=2):
     idx = np.asarray(indices, dtype=np.int64)
     n, S, y = len(idx), image_size, idx % num_classes
     u = [_uniform(seed, idx, k) for k in range(14)]
-    r = 0.42 + 0.22 * u[0]                          # shape radius, image spans [-1, 1]
-    cx, cy = (2 * u[1] - 1) * (0.95 - r), (2 * u[2] - 1) * (0.95 - r)  # keep the shape inside the image
-    theta = (2 * u[3] - 1) * 0.3                    # small rotation: the square never looks like the diamond
+    # a large shape near the centre: a 5-minute CPU run learns the shapes, not only their colours
+    r = 0.55 + 0.2 * u[0]                           # shape radius, image spans [-1, 1]
+    cx, cy = (2 * u[1] - 1) * (0.95 - r) * 0.3, (2 * u[2] - 1) * (0.95 - r) * 0.3  # inside the image
+    theta = (2 * u[3] - 1) * 0.15                   # small rotation: the square never looks like the diamond
     freq = 1.6 + 0.6 * u[4]
     hue = (y / num_classes + (2 * u[5] - 1) * 0.03) % 1.0  # each class has its own hue on top of its shape
     fg = _hsv_to_rgb(hue, 0.55 + 0.4 * u[6], 0.75 + 0.25 * u[7])
@@ -120,7 +121,7 @@ def render_shapes(indices, num_classes, image_size, seed, supersample=2):
         alpha[sel] = mask.reshape(len(sel), S, supersample, S, supersample).mean((2, 4))  # anti-aliased coverage
 
     gs = ((np.arange(S) + 0.5) / S * 2 - 1).astype(np.float32)
-    t = 0.5 + 0.35 * (f32(np.cos(phi)) * gs[None, None, :] + f32(np.sin(phi)) * gs[None, :, None])  # (n, S, S)
+    t = 0.5 + 0.2 * (f32(np.cos(phi)) * gs[None, None, :] + f32(np.sin(phi)) * gs[None, :, None])  # (n, S, S)
     bg0, bg1, fg = (v.astype(np.float32)[:, :, None, None] for v in (bg0, bg1, fg))
     bg = bg0 + (bg1 - bg0) * t[:, None]                                              # (n, 3, S, S) gradient
     img = bg + (fg - bg) * alpha[:, None]
