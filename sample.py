@@ -19,6 +19,7 @@ import json
 import math
 import os
 import sys
+import time
 import zipfile
 
 import numpy as np
@@ -26,8 +27,10 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 
+import data
 import dit
 import meanflow
+import probe
 import sit
 
 MODELS = {**dit.DiT_models, **sit.SiT_models, **meanflow.MeanFlow_models}
@@ -181,6 +184,36 @@ def save_grid(images, path, nrow, padding=2):
     return path
 
 
+class Grids:
+    """train.py's sample grids: fixed noise sampled with the EMA weights, one row per class (at most 10), written as
+    run_dir/samples_<tag>.png; on the built-in shapes also their shape accuracy and shape FD (probe.py). A call returns
+    the metrics row."""
+
+    def __init__(self, cfg, family, ema, device, autocast, log):
+        self.cfg, self.family, self.ema, self.device, self.autocast, self.log = cfg, family, ema, device, autocast, log
+        rows = torch.linspace(0, max(cfg.num_classes - 1, 0), max(1, min(cfg.num_classes, 10))).round().long()
+        self.y = rows.repeat_interleave(cfg.grid_per_class).to(device)
+        noise = torch.Generator().manual_seed(cfg.global_seed)
+        self.z = torch.randn(len(self.y), ema.in_channels, ema.input_size, ema.input_size, generator=noise).to(device)
+        self.vae = data.load_vae(cfg.vae, device) if cfg.latent else None
+
+    @torch.no_grad()
+    def __call__(self, step, tag=None):
+        cfg, t0 = self.cfg, time.time()
+        # fork_rng: sampling must not move the training RNG (bit-exact resume)
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []), self.autocast():
+            x = generate(self.family, self.ema, self.z, self.y, cfg.grid_sampler, cfg.grid_steps,
+                         1.0 if self.family == "meanflow" else cfg.grid_cfg, path=cfg.path)
+            if self.vae is not None:
+                x = torch.cat([self.vae.decode(b.float() / data.VAE_SCALE).sample for b in x.split(32)])
+        images = to_uint8(x)
+        path = save_grid(images, f"{cfg.run_dir}/samples_{tag or f'{step:06d}'}.png", cfg.grid_per_class)
+        # on the built-in shapes: how many samples show the asked-for shape, how close to the real ones
+        metrics = probe.shape_metrics(images, self.y.cpu().numpy()) if not (cfg.data_path or cfg.latent_cache) else {}
+        self.log(f"wrote {path} ({time.time() - t0:.1f}s)" + "".join(f" | {k} {v:.4g}" for k, v in metrics.items()))
+        return dict(step=step, **metrics)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Shards and the merged npz
 # ---------------------------------------------------------------------------------------------------------
@@ -307,7 +340,6 @@ def main(argv=None):
             model, family, cfg = load_model(args.ckpt, args.model, args.image_size, args.weights)
             args.vae = (args.vae or cfg.get("vae") or "ema") if cfg["latent"] else None
             if args.vae:
-                import data
                 vae = data.load_vae(args.vae, device)
         except (ValueError, RuntimeError, ImportError) as e:
             _fail(str(e).rstrip(".") + ".")  # their sentences may lack the full stop

@@ -16,7 +16,6 @@ and gradients are synchronised once per step; the dispersive term sees each devi
 import argparse
 import contextlib
 import copy
-import dataclasses
 import datetime
 import json
 import math
@@ -44,7 +43,7 @@ from dispersive import VARIANTS, DispersiveConfig, contrastive_loss
 # ---------------------------------------------------------------------------------------------------------------------
 
 def build_objective(name, family, class_dropout_prob=0.1, path="linear"):
-    """DiT's Gaussian diffusion, SiT's interpolant transport, or MeanFlow with the size's ω, κ and guidance interval."""
+    """DiT's Gaussian diffusion, SiT's interpolant transport, or MeanFlow with its size's ω, κ, guidance interval."""
     if family == "dit":
         return dit.create_diffusion()
     if family == "sit":
@@ -98,7 +97,8 @@ def train_step(loss_module, optimizer, next_batch, accum_steps=1, autocast=conte
     stats = {}
     for i in range(accum_steps):
         x, y = next_batch()
-        with loss_module.no_sync() if isinstance(loss_module, DDP) and i < accum_steps - 1 else contextlib.nullcontext():
+        sync = not isinstance(loss_module, DDP) or i == accum_steps - 1  # DDP: all-reduce after the last micro-batch
+        with contextlib.nullcontext() if sync else loss_module.no_sync():
             with autocast():
                 loss, terms = loss_module(x, y)
             (loss / accum_steps).backward()  # DDP averages over ranks: the step sees the global-batch mean
@@ -112,10 +112,8 @@ def train_step(loss_module, optimizer, next_batch, accum_steps=1, autocast=conte
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
     optimizer.grad_scale, optimizer.found_inf = None, flags[0]  # GradScaler's protocol: found_inf = 1 skips the step
-    try:
-        optimizer.step()
-    finally:
-        del optimizer.grad_scale, optimizer.found_inf
+    optimizer.step()
+    del optimizer.grad_scale, optimizer.found_inf
     optimizer.zero_grad(set_to_none=True)
     if ema is not None:
         with torch.no_grad():  # important! else the EMA joins the autograd graph
@@ -129,14 +127,15 @@ def train_step(loss_module, optimizer, next_batch, accum_steps=1, autocast=conte
 
 DEFAULTS = dict(  # (paper, tiny T). A 5-minute CPU run needs more, larger updates than the papers' 400K, an EMA over
     # tens of steps, a warmup that keeps the first large Adam steps from blowing up adaLN-Zero, and CFG in its grids
-    global_batch_size=(256, 16), lr=(1e-4, 1e-3), warmup_steps=(0, 50), ema_decay=(0.9999, 0.99), log_every=(100, 50),
-    ckpt_every=(10_000, 500), sample_every=(10_000, 500), steps=(None, 1500), grid_cfg=(1.0, 3.0), grid_per_class=(8, 6))
+    global_batch_size=(256, 16), lr=(1e-4, 4e-3), warmup_steps=(0, 50), ema_decay=(0.9999, 0.99),
+    ckpt_every=(10_000, 1000), sample_every=(10_000, 1000), steps=(None, 2400), grid_cfg=(1.0, 3.0))
 STEPS = {"dit": 400_000, "sit": 400_000, "meanflow": 1_200_000}        # 80 ImageNet epochs; MeanFlow 240
 GRID = {"dit": ("ddim", 50, 25), "sit": ("ode-heun", 50, 8), "meanflow": ("meanflow", 1, 1)}  # sampler, steps, tiny
 SHAPES_SAMPLES = 10_000                                                # size of the built-in dataset
 # what a resumed run may change; everything else is the run's own (start a new run with --init-from to change it)
 RESUMABLE = {"resume", "steps", "epochs", "micro_batch_size", "log_every", "ckpt_every", "sample_every", "keep_every",
-             "device", "precision", "compile", "grad_checkpointing", "num_workers", "max_bad", "results_dir", "run_name"}
+             "device", "precision", "compile", "grad_checkpointing", "num_workers", "max_bad", "results_dir",
+             "run_name"}
 
 
 POSITIVE = dit.checked(int, lambda v: v >= 1, "an integer >= 1")
@@ -144,11 +143,10 @@ COUNT = dit.checked(int, lambda v: v >= 0, "an integer >= 0")
 RATE = dit.checked(float, lambda v: 0 < v < math.inf, "a number > 0")
 WEIGHT = dit.checked(float, lambda v: 0 <= v < math.inf, "a number >= 0")
 DECAY = dit.checked(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
-PATH_TYPE = dit.checked(str.lower, lambda v: v in ("linear", "gvp"), "linear or gvp")  # SiT's Linear/GVP accepted too
 
 
 def get_parser():
-    p = argparse.ArgumentParser(description="Train DiT / SiT / MeanFlow with the Dispersive Loss (torchrun: many GPUs).")
+    p = argparse.ArgumentParser(description="Train DiT / SiT / MeanFlow with the Dispersive Loss (torchrun: many GPUs)")
     g = p.add_argument_group("model and data").add_argument
     g("--model", help="DiT-/SiT-{S,B,L,XL,T}/{2,4,8}, MeanFlow-{B/4,B/2,M/2,L/2,XL/2,T/2,T/4} (default SiT-T/4)")
     g("--image-size", type=POSITIVE, help="pixels; latents are size/8 (default 32)")
@@ -156,21 +154,21 @@ def get_parser():
     g("--data-path", help="image folder root/<class>/<image> (default: the built-in shapes)")
     g("--latent-cache", help="SD-VAE latent cache made by `python data.py cache` (latent space)")
     g("--pixel-space", action="store_true", default=None, help="train on the pixels of --data-path at >= 256 px")
-    g("--path", "--path-type", type=PATH_TYPE, help="SiT interpolant: linear (default) or gvp")
+    g("--path", "--path-type", type=str.lower, choices=["linear", "gvp"], help="SiT interpolant (default linear)")
     g("--max-bad", type=COUNT, help="unreadable images skipped per data process before the run stops (default 100)")
     g = p.add_argument_group("dispersive loss").add_argument
     g("--disp", choices=["none", *VARIANTS, "contrastive"], help="default infonce_l2; contrastive: the 2-view baseline")
-    g("--disp-preset", choices=["paper", "official"], help="paper: λ 0.5, τ 0.5, block depth//4; official: 0.25, 1, last")
+    g("--disp-preset", choices=["paper", "official"], help="paper: λ .5, τ .5, block depth//4; official .25, 1, last")
     g("--disp-weight", type=WEIGHT, help="λ (overrides the preset)")
     g("--disp-tau", type=RATE, help="τ of the InfoNCE variants (overrides the preset)")
     g("--disp-block", type=POSITIVE, help="1-based block whose output is regularised (overrides the preset)")
     g("--disp-margin", type=WEIGHT, help="ε of the hinge variant (default 1.0)")
     g = p.add_argument_group("optimisation").add_argument
-    g("--steps", type=POSITIVE, help="optimizer steps (DiT/SiT 400K, MeanFlow 1.2M; T: 1500)")
+    g("--steps", type=POSITIVE, help="optimizer steps (DiT/SiT 400K, MeanFlow 1.2M; T: 2400)")
     g("--epochs", type=RATE, help="train this many epochs instead of --steps")
     g("--global-batch-size", type=POSITIVE, help="images per optimizer step (256; T: 16)")
     g("--micro-batch-size", type=POSITIVE, help="images per forward pass and process (default: global / processes)")
-    g("--lr", type=RATE, help="AdamW learning rate, constant after warmup (1e-4; T: 1e-3 after 50 steps)")
+    g("--lr", type=RATE, help="AdamW learning rate, constant after warmup (1e-4; T: 4e-3 after 50 steps)")
     g("--grad-clip", type=RATE, help="clip the global gradient norm (default: none, as the papers)")
     g("--ema-decay", type=DECAY, help="EMA decay per step (0.9999; T: 0.99)")
     g("--global-seed", type=COUNT, help="seed; rank r draws with global_seed · world_size + r (default 0)")
@@ -185,10 +183,10 @@ def get_parser():
     g("--run-name", help="a new run folder's name (default: start time and model)")
     g("--resume", help="run folder or checkpoint to continue exactly (an older kept checkpoint branches off)")
     g("--init-from", "--ckpt", help="a new run from weights (+ AdamW state): ours, official DiT/SiT, released ones")
-    g("--log-every", type=POSITIVE, help="steps between log lines (100; T: 50)")
-    g("--ckpt-every", type=POSITIVE, help="steps between checkpoints (10K; T: 500); a stop always saves")
+    g("--log-every", type=POSITIVE, help="steps between log lines (default 100)")
+    g("--ckpt-every", type=POSITIVE, help="steps between checkpoints (10K; T: 1000); a stop always saves")
     g("--keep-every", type=COUNT, help="also keep checkpoint_<step>.pt every this many steps (default 0: never)")
-    g("--sample-every", type=COUNT, help="steps between sample grids, also at start and end; 0: none (10K; T: 500)")
+    g("--sample-every", type=COUNT, help="steps between sample grids, also at start and end; 0: none (10K; T: 1000)")
     return p
 
 
@@ -200,10 +198,10 @@ def new_run_config(model):
                 pixel_space=False, path="linear", max_bad=100, disp="infonce_l2", disp_preset="paper", disp_weight=None,
                 disp_tau=None, disp_block=None, disp_margin=None, steps=cfg["steps"] or STEPS[family], epochs=None,
                 micro_batch_size=None, grad_clip=None, global_seed=0, device="auto", precision="auto", compile=False,
-                grad_checkpointing=False, num_workers=None, results_dir="runs", run_name=None, resume=None,
-                init_from=None, keep_every=0, beta2=0.95 if family == "meanflow" else 0.999, weight_decay=0.0,
-                class_dropout_prob=0.1, flip=family != "meanflow", shapes_samples=SHAPES_SAMPLES, vae=None,
-                grid_sampler=GRID[family][0], grid_steps=GRID[family][1 + tiny])
+                grad_checkpointing=False, num_workers=None, results_dir="runs", run_name=None, log_every=100,
+                resume=None, init_from=None, keep_every=0, beta2=0.95 if family == "meanflow" else 0.999,
+                weight_decay=0.0, class_dropout_prob=0.1, flip=family != "meanflow", shapes_samples=SHAPES_SAMPLES,
+                vae=None, grid_per_class=8, grid_sampler=GRID[family][0], grid_steps=GRID[family][1 + tiny])
 
 
 def parse_args(argv=None):
@@ -236,7 +234,9 @@ def parse_args(argv=None):
         with torch.device("meta"):  # checks the name and the size; the depth without allocating the network
             depth = sample.build_model(cfg.model, cfg.image_size, cfg.num_classes or 1, cfg.latent)[0].depth
         overrides = {k: v for k in ("weight", "tau", "block", "margin") if (v := getattr(cfg, f"disp_{k}")) is not None}
-        variant = cfg.disp if cfg.disp in VARIANTS else "infonce_l2"  # the contrastive baseline uses λ, τ and block
+        if cfg.disp == "none":
+            overrides["weight"] = 0.0  # "none" keeps the preset's τ and block for the record
+        variant = "infonce_l2" if cfg.disp == "contrastive" else cfg.disp  # the baseline uses λ, τ and block
         disp = DispersiveConfig.preset(cfg.disp_preset, depth, variant=variant, **overrides)  # checks the block
     except ValueError as e:
         p.error(str(e))
@@ -248,8 +248,6 @@ def parse_args(argv=None):
                 f"--latent-cache cache/NAME (or add --pixel-space to train on pixels)")
     if cfg.run_name and (os.path.basename(cfg.run_name) != cfg.run_name or cfg.run_name in (".", "..")):
         p.error(f"--run-name {cfg.run_name!r} must be a plain folder name: give the parent with --results-dir")
-    if cfg.disp == "none":
-        disp = dataclasses.replace(disp, variant="none", weight=0.0)
     cfg.disp_weight, cfg.disp_tau, cfg.disp_block, cfg.disp_margin = disp.weight, disp.tau, disp.block, disp.margin
     return cfg, ckpt, disp
 
@@ -274,23 +272,25 @@ def main(argv=None):
         accum = cfg.global_batch_size // (cfg.micro_batch_size * world)
         if accum * cfg.micro_batch_size * world != cfg.global_batch_size:
             raise SystemExit(f"error: --global-batch-size {cfg.global_batch_size} is not a multiple of micro-batch "
-                             f"{cfg.micro_batch_size} × {world} process(es): choose global = micro × processes × steps")
+                             f"{cfg.micro_batch_size} × {world} process(es): choose global = micro × processes × "
+                             f"accumulation steps")
         if (disp.enabled or cfg.disp == "contrastive") and cfg.micro_batch_size < 2:
             raise SystemExit("error: the dispersive loss needs at least 2 samples per micro-batch: raise "
                              "--micro-batch-size")
         if cfg.num_workers is None:  # the shapes live in memory; decoding images wants workers (the node's CPUs)
-            per_node = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-            cfg.num_workers = 0 if isinstance(dataset, data.ShapesDataset) else min(8, (os.cpu_count() or 1) // per_node)
+            cpus = (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+            cfg.num_workers = 0 if isinstance(dataset, data.ShapesDataset) else min(8, cpus)
         loader, sampler = data.make_loader(dataset, cfg.micro_batch_size, rank, world, cfg.global_seed, cfg.num_workers)
         if len(loader) == 0:
-            raise SystemExit(f"error: {len(dataset)} samples make no micro-batch of {cfg.micro_batch_size} per process: "
-                             f"lower --global-batch-size or add data")
+            raise SystemExit(f"error: {len(dataset)} samples make no micro-batch of {cfg.micro_batch_size} per "
+                             f"process: lower --global-batch-size or add data")
         steps_per_epoch = len(loader) / accum
         cfg.steps = max(1, round(cfg.epochs * steps_per_epoch)) if cfg.epochs else cfg.steps
 
         # 3. model, EMA (an exact copy), optimizer: the same on every rank (seeded with the global seed); then resume
         torch.manual_seed(cfg.global_seed)
-        model, family = sample.build_model(cfg.model, cfg.image_size, cfg.num_classes, cfg.latent, cfg.class_dropout_prob)
+        model, family = sample.build_model(cfg.model, cfg.image_size, cfg.num_classes, cfg.latent,
+                                           cfg.class_dropout_prob)
         model.to(device).grad_checkpointing = bool(cfg.grad_checkpointing)
         ema = copy.deepcopy(model).eval().requires_grad_(False)
         objective = build_objective(cfg.model, family, cfg.class_dropout_prob, cfg.path)
@@ -318,9 +318,9 @@ def main(argv=None):
             loss_module = DDP(loss_module, device_ids=[device.index] if device.type == "cuda" else None,
                               gradient_as_bucket_view=True)
         model.train()
-        ema_params, params = list(ema.parameters()), list(model.parameters())
+        ema_pair = (list(ema.parameters()), list(model.parameters()))
         batches = data.EpochBatches(loader, sampler, device, *position)
-        grids = Grids(cfg, family, ema, device, autocast, log) if rank == 0 and cfg.sample_every else None
+        grids = sample.Grids(cfg, family, ema, device, autocast, log) if rank == 0 and cfg.sample_every else None
 
         def save(at_step):
             if rank == 0:
@@ -346,8 +346,8 @@ def main(argv=None):
                 for group in opt.param_groups:
                     group["lr"] = lr
                 try:
-                    stats, flags = train_step(loss_module, opt, batches, accum, autocast, cfg.grad_clip,
-                                              (ema_params, params), cfg.ema_decay, lambda: signals.requested is not None)
+                    stats, flags = train_step(loss_module, opt, batches, accum, autocast, cfg.grad_clip, ema_pair,
+                                              cfg.ema_decay, lambda: signals.requested is not None)
                 except data.DataError as e:
                     save(step)  # the last finished step, at its data position
                     raise SystemExit(f"error: {e.sentence} (stopped at step {step}: once the data is fixed, "
@@ -498,7 +498,7 @@ def resume_command(run_dir):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Checkpoints, sample grids, logs, stop signals
+# Checkpoints, logs, stop signals
 # ---------------------------------------------------------------------------------------------------------------------
 
 def save_checkpoint(cfg, state, log):
@@ -506,7 +506,7 @@ def save_checkpoint(cfg, state, log):
     resumable."""
     obj = dict(state, config=vars(cfg))
     keep = cfg.keep_every and state["step"] % cfg.keep_every == 0
-    for path in [os.path.join(cfg.run_dir, "checkpoint.pt")] + keep * [f"{cfg.run_dir}/checkpoint_{state['step']:07d}.pt"]:
+    for path in [f"{cfg.run_dir}/checkpoint.pt"] + keep * [f"{cfg.run_dir}/checkpoint_{state['step']:07d}.pt"]:
         try:
             with open(f"{path}.tmp", "wb") as f:
                 torch.save(obj, f)
@@ -519,36 +519,6 @@ def save_checkpoint(cfg, state, log):
             raise SystemExit(f"error: could not write {path} ({'the disk is full' if full else e}); the previous "
                              f"checkpoint is intact: free space, then {resume_command(cfg.run_dir)}")
     log(f"saved {cfg.run_dir}/checkpoint.pt at step {state['step']}")
-
-
-class Grids:
-    """Sample grids from fixed noise with the EMA weights, one row per class (at most 10), written as samples_<tag>.png;
-    on the built-in shapes also their shape accuracy and shape FD (probe.py). A call returns the metrics row."""
-
-    def __init__(self, cfg, family, ema, device, autocast, log):
-        self.cfg, self.family, self.ema, self.device, self.autocast, self.log = cfg, family, ema, device, autocast, log
-        rows = torch.linspace(0, max(cfg.num_classes - 1, 0), max(1, min(cfg.num_classes, 10))).round().long()
-        self.y = rows.repeat_interleave(cfg.grid_per_class).to(device)
-        noise = torch.Generator().manual_seed(cfg.global_seed)
-        self.z = torch.randn(len(self.y), ema.in_channels, ema.input_size, ema.input_size, generator=noise).to(device)
-        self.vae = data.load_vae(cfg.vae, device) if cfg.latent else None
-
-    @torch.no_grad()
-    def __call__(self, step, tag=None):
-        cfg, t0, row = self.cfg, time.time(), dict(step=step)
-        # fork_rng: sampling must not move the training RNG (bit-exact resume)
-        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []), self.autocast():
-            x = sample.generate(self.family, self.ema, self.z, self.y, cfg.grid_sampler, cfg.grid_steps,
-                                1.0 if self.family == "meanflow" else cfg.grid_cfg, path=cfg.path)
-            if self.vae is not None:
-                x = torch.cat([self.vae.decode(b.float() / data.VAE_SCALE).sample for b in x.split(32)])
-        images = sample.to_uint8(x)
-        path = sample.save_grid(images, f"{cfg.run_dir}/samples_{tag or f'{step:06d}'}.png", cfg.grid_per_class)
-        if not (cfg.data_path or cfg.latent_cache):
-            import probe  # the built-in shapes: how many samples show the asked-for shape
-            row.update(probe.shape_metrics(images, self.y.cpu().numpy()))
-        self.log(f"wrote {path} ({time.time() - t0:.1f}s)" + "".join(f" | {k} {v:.4g}" for k, v in list(row.items())[1:]))
-        return row
 
 
 class StopSignal:
@@ -586,21 +556,18 @@ def format_row(row, total_steps):
 # never waits for the device inside the loop
 # ---------------------------------------------------------------------------------------------------------------------
 
-class LaggedFlags:
-    def __init__(self):
-        self.queue = []
-
+class LaggedFlags(list):
     def push(self, step, flags):
         cuda = flags.device.type == "cuda"
-        self.queue.append((step, flags.to("cpu", non_blocking=cuda), torch.cuda.Event() if cuda else None))
+        self.append((step, flags.to("cpu", non_blocking=cuda), torch.cuda.Event() if cuda else None))
         if cuda:
-            self.queue[-1][2].record()
+            self[-1][2].record()
 
     def pop(self, keep=1):
         """[(step, non_finite, stop)] of every pushed step but the newest `keep`."""
         out = []
-        while len(self.queue) > keep:
-            step, host, event = self.queue.pop(0)
+        while len(self) > keep:
+            step, host, event = super().pop(0)
             if event is not None:
                 event.synchronize()
             out.append((step, *(v > 0 for v in host.tolist())))
