@@ -240,8 +240,29 @@ def bench_data(args):
                   "img/s")
 
 
+def bench_ablation(args):
+    """The paper's claim on the CPU demo (`python train.py`): no regulariser, the paper's and the official presets and
+    the contrastive baseline, 3 seeds each (1 seed and 20 steps with --smoke); the final grid's shape accuracy and shape
+    FD (probe.py) as mean ± std, and the run time. About an hour on 2 cores: it runs only with --only ablation."""
+    settings = {"none": ["--disp", "none"], "paper": [], "official": ["--disp-preset", "official"],
+                "contrastive": ["--disp", "contrastive"]}
+    smoke = ["--steps", "20", "--sample-every", "20"] * args.smoke
+    with tempfile.TemporaryDirectory() as root:
+        for name, flags in settings.items():
+            runs = []
+            for seed in range(1 if args.smoke else 3):
+                t0, argv = time.perf_counter(), [*flags, *smoke, "--global-seed", str(seed), "--results-dir", root]
+                with open(os.path.join(train.main(argv)["run_dir"], "metrics.jsonl")) as f:
+                    final = [json.loads(line) for line in f if '"shape_acc"' in line][-1]
+                runs.append((final["shape_acc"], final["shape_fd"], (time.perf_counter() - t0) / 60))
+            (acc, fd, minutes), (acc_sd, fd_sd, _), what = np.mean(runs, 0), np.std(runs, 0), f"{len(runs)} seeds"
+            yield row(f"ablation/{name}", f"shape accuracy, final grid ({what}: mean, ± std)", acc, f"± {acc_sd:.3f}")
+            yield row(f"ablation/{name}", f"shape FD, final grid ({what}: mean, ± std)", fd, f"± {fd_sd:.3f}")
+            yield row(f"ablation/{name}", "run time, mean", minutes, "min")
+
+
 SECTIONS = {"dispersive": bench_dispersive, "network": bench_network, "train": bench_train, "sample": bench_sample,
-            "fid": bench_fid, "data": bench_data}
+            "fid": bench_fid, "data": bench_data, "ablation": bench_ablation}
 
 
 # ----------------------------------------------------------------------------- models: sizes, setup, FLOPs
@@ -390,7 +411,7 @@ def main(argv=None):
     if not args.json:
         print(" | ".join(f"{k} {v}" for k, v in env.items()), flush=True)
     for name, section in SECTIONS.items():
-        if args.only in (None, name):
+        if args.only == name or args.only is None and name != "ablation":
             t0 = time.perf_counter()
             rows += section(args)
             if not args.json:  # progress: a section takes minutes
