@@ -162,7 +162,8 @@ class DiT(nn.Module):
                  mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=1000, learn_sigma=True):
         super().__init__()
         assert input_size % patch_size == 0, f"input size {input_size} is not a multiple of patch size {patch_size}"
-        self.in_channels, self.learn_sigma, self.out_channels = in_channels, learn_sigma, in_channels * (1 + learn_sigma)
+        self.in_channels, self.learn_sigma = in_channels, learn_sigma
+        self.out_channels = in_channels * 2 if learn_sigma else in_channels
         self.input_size, self.patch_size, self.num_classes = input_size, patch_size, num_classes
         self.depth, self.hidden_size, self.num_heads = depth, hidden_size, num_heads
         self.grad_checkpointing = False  # recompute each block in backward: less memory, more compute
@@ -257,10 +258,6 @@ DiT_models = {f"DiT-{s}/{p}": partial(DiT, depth=d, hidden_size=w, num_heads=h, 
 # dtype after the float64 arithmetic, like the official _extract_into_tensor.
 # ---------------------------------------------------------------------------------------------------------
 
-def mean_flat(x):
-    return x.mean(dim=list(range(1, x.dim())))
-
-
 def normal_kl(mean1, logvar1, mean2, logvar2):
     """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)) elementwise, in nats."""
     return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
@@ -293,8 +290,7 @@ class GaussianDiffusion:
         betas = torch.as_tensor(betas, dtype=torch.float64)                      # a 1-D schedule in (0, 1]
         self.num_timesteps, self.betas = len(betas), betas
         self.timestep_map = torch.arange(len(betas)) if timestep_map is None else timestep_map
-        alphas = 1.0 - betas
-        self.alphas_cumprod = torch.cumprod(alphas, dim=0)                        # ᾱ_t
+        self.alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)                   # ᾱ_t
         self.alphas_cumprod_prev = torch.cat([betas.new_ones(1), self.alphas_cumprod[:-1]])
         self.sqrt_alphas_cumprod = self.alphas_cumprod.sqrt()
         self.sqrt_one_minus_alphas_cumprod = (1.0 - self.alphas_cumprod).sqrt()
@@ -306,7 +302,7 @@ class GaussianDiffusion:
         clip = self.posterior_variance[1:2] if self.num_timesteps > 1 else betas
         self.posterior_log_variance_clipped = torch.log(torch.cat([clip, self.posterior_variance[1:]]))
         self.posterior_mean_coef1 = betas * self.alphas_cumprod_prev.sqrt() / (1.0 - self.alphas_cumprod)
-        self.posterior_mean_coef2 = (1.0 - self.alphas_cumprod_prev) * alphas.sqrt() / (1.0 - self.alphas_cumprod)
+        self.posterior_mean_coef2 = (1.0 - self.alphas_cumprod_prev) * (1 - betas).sqrt() / (1.0 - self.alphas_cumprod)
         self.log_betas = torch.log(betas)
         # "fixed large" starts at the posterior variance of t = 1, for a better decoder likelihood (as official)
         self.log_betas_fixed_large = torch.log(torch.cat([clip, betas[1:]]))
@@ -359,9 +355,9 @@ class GaussianDiffusion:
         true_mean = self.q_posterior_mean(x_start, x_t, t)
         true_log_variance = self._extract(self.posterior_log_variance_clipped, t, x_t)
         out = self._mean_variance(model_output, x_t, t)
-        kl = mean_flat(normal_kl(true_mean, true_log_variance, out["mean"], out["log_variance"])) / math.log(2.0)
-        decoder_nll = -mean_flat(discretized_gaussian_log_likelihood(
-            x_start, means=out["mean"], log_scales=0.5 * out["log_variance"])) / math.log(2.0)
+        kl = normal_kl(true_mean, true_log_variance, out["mean"], out["log_variance"]).flatten(1).mean(1) / math.log(2)
+        decoder_nll = -discretized_gaussian_log_likelihood(
+            x_start, means=out["mean"], log_scales=0.5 * out["log_variance"]).flatten(1).mean(1) / math.log(2.0)
         return torch.where(t == 0, decoder_nll, kl)
 
     def training_losses(self, model, x_start, y, t=None, noise=None, return_features=None):
@@ -378,7 +374,7 @@ class GaussianDiffusion:
         out = self._model(model, x_t, t, y, return_features)
         out, feats = (out, None) if return_features is None else out
         eps, v = self._split_output(out, x_t)
-        mse = mean_flat((noise - eps) ** 2)
+        mse = ((noise - eps) ** 2).flatten(1).mean(1)
         vb = torch.zeros_like(mse)
         if v is not None:  # important! the mean is frozen inside the VLB: the eps channels learn from the MSE alone
             vb = self._vb_terms_bpd(torch.cat([eps.detach(), v], dim=1), x_start, x_t, t)
