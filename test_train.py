@@ -113,8 +113,8 @@ def test_resume_is_bit_exact(runs):
     assert [r["step"] for r in ra] == [1, 2, 3, 4]
     for x, y in zip(ra, rb):
         assert x["loss"] == y["loss"] and x["gnorm"] == y["gnorm"] and x["lr"] == y["lr"]
-    # the tiny size's recipe: lr 1e-3 after a linear warmup of 50 steps
-    assert [r["lr"] for r in rb] == pytest.approx([1e-3 * s / 50 for s in (1, 2, 3, 4)])
+    # the tiny size's recipe: lr 4e-3 after a linear warmup of 50 steps
+    assert [r["lr"] for r in rb] == pytest.approx([4e-3 * s / 50 for s in (1, 2, 3, 4)])
 
 
 def test_resume_from_a_checkpoint_of_an_unfused_optimizer_and_old_config(runs, tmp_path):
@@ -390,7 +390,7 @@ def test_each_family_trains_with_the_dispersive_term(runs, tmp_path, name, terms
     rows = [r for r in metrics(out["run_dir"]) if "loss" in r]
     assert [r["step"] for r in rows] == [1, 2]
     for r in rows:
-        for k in ["loss", "diff", "disp", "gnorm", *terms]:
+        for k in ["loss", "diff", "disp", "feat_rms", "gnorm", *terms]:
             assert math.isfinite(r[k]), (k, r)
         assert r["loss"] == pytest.approx(r["diff"] + 0.5 * r["disp"], abs=1e-5)  # λ = 0.5 (paper preset)
         assert -math.log(4) - 1e-5 <= r["disp"] <= 0  # InfoNCE-L2 on 4 samples lies in [−log B, 0]
@@ -401,9 +401,9 @@ def test_each_family_trains_with_the_dispersive_term(runs, tmp_path, name, terms
     assert ck["config"]["family"] == sample.family_of(name) and ck["config"]["disp_block"] == 1
     model, _ = sample.build_model(name, 16, 3, False)
     dit.load_checkpoint(model, ck)
-    for tag in ("000000", "000001", "final"):  # 3 class rows of 6 samples, 16px + 2px padding
+    for tag in ("000000", "000001", "final"):  # 3 class rows of 8 samples, 16px + 2px padding
         img = Image.open(os.path.join(out["run_dir"], f"samples_{tag}.png"))
-        assert img.size == (2 + 6 * 18, 2 + 3 * 18) and img.mode == "RGB"
+        assert img.size == (2 + 8 * 18, 2 + 3 * 18) and img.mode == "RGB"
 
 
 def test_grid_writer_layout_and_pixels(tmp_path):
@@ -417,6 +417,18 @@ def test_grid_writer_layout_and_pixels(tmp_path):
         r, c = divmod(i, 2)
         want[1 + 3 * r:1 + 3 * r + 2, 1 + 4 * c:1 + 4 * c + 3] = pix[i].transpose(1, 2, 0)
     np.testing.assert_array_equal(got, want)
+
+
+def test_feat_rms_is_the_rms_of_the_regularised_blocks_output():
+    torch.manual_seed(0)
+    model, family = sample.build_model("SiT-T/4", 16, 3, False)
+    objective, disp = train.build_objective("SiT-T/4", family), DispersiveConfig.preset("paper", model.depth)
+    x, y = torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 2, 0])
+    torch.manual_seed(1)
+    _, terms = train.TrainLoss(model, objective, disp, model.depth)(x, y)
+    torch.manual_seed(1)  # the same draws: the block output of the same forward pass
+    feats = objective.training_losses(model, x, y, return_features=disp.block)["feats"].double()
+    assert terms["feat_rms"].item() == pytest.approx(feats.pow(2).mean().sqrt().item(), rel=1e-6)
 
 
 def test_contrastive_matches_two_view_reference():

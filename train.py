@@ -44,10 +44,8 @@ from dispersive import VARIANTS, DispersiveConfig, contrastive_loss
 
 def build_objective(name, family, class_dropout_prob=0.1, path="linear"):
     """DiT's Gaussian diffusion, SiT's interpolant transport, or MeanFlow with its size's ω, κ, guidance interval."""
-    if family == "dit":
-        return dit.create_diffusion()
-    if family == "sit":
-        return sit.Transport(path)
+    if family != "meanflow":
+        return dit.create_diffusion() if family == "dit" else sit.Transport(path)
     # MeanFlowDiT never drops labels itself: the objective does, and changes the dropped rows' target
     return meanflow.MeanFlow(**meanflow.MeanFlow_defaults[name], class_dropout_prob=class_dropout_prob)
 
@@ -57,7 +55,8 @@ class TrainLoss(nn.Module):
 
     contrastive=True is the paper's baseline with positive pairs instead: two independently noised views of the same
     images, InfoNCE between the views (τ, λ and block of `disp`), the denoising loss on view 1 only.
-    forward(x, y) -> (total, {"diff", "disp" or "contrastive" (unweighted), the objective's other terms}).
+    forward(x, y) -> (total, {"diff", "disp" or "contrastive" (unweighted), "feat_rms" (the RMS of z), the objective's
+    other terms}).
     """
 
     def __init__(self, model, objective, disp, depth=None, contrastive=False):
@@ -77,8 +76,8 @@ class TrainLoss(nn.Module):
         total = diff if reg is None else diff + self.disp.weight * reg
         terms = {"diff": diff.detach(), **{k: v.detach().float().mean() for k, v in out.items()
                                            if k not in ("loss", "feats") and torch.is_tensor(v)}}
-        if reg is not None:
-            terms[name] = reg.detach()
+        if reg is not None:  # with the scale of the regularised block's output: L_disp falls as it grows
+            terms[name], terms["feat_rms"] = reg.detach(), out["feats"].detach().float().pow(2).mean().sqrt()
         return total, terms
 
 
