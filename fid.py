@@ -621,14 +621,6 @@ def save_statistics(path, mu, sigma, mu_s=None, sigma_s=None, mode=None, network
     return path
 
 
-def load_statistics(path):
-    """dict with mu, sigma (and mu_s, sigma_s, mode, network when stored)."""
-    src = Source(path)
-    if not src.stats:
-        raise FIDError(f"{path} holds no statistics (mu, sigma)")
-    return {**src.stats, **src.meta}
-
-
 def check_compatible(origins):
     """origins: (label, mode, network, stated) of each set compared (network None: unknown; stated False: the mode
     is only suggested by a statistics file's keys). Stated modes (images, files that say theirs) and known networks

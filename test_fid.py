@@ -315,12 +315,12 @@ def test_save_stats_round_trip(golden, model, weights_file, tmp_path, capsys):
     assert rel(saved["sigma_s"], np.cov(spatial, rowvar=False)) <= 1e-4
     assert str(saved["mode"]) == "pytorch-fid" and str(saved["network"]) == model.network_id
     assert int(saved["num_images"]) == 2
-    assert load_back(fid.load_statistics(stats), saved)
+    assert load_back(fid.Source(stats), saved)
 
     # pytorch-fid's form, `--save-stats IN OUT` (numpy appends .npz), writes the same file; it never overwrites
     with pytest.warns(UserWarning, match="singular"):
         fid.main(["--save-stats", samples, str(tmp_path / "pt_form")] + common)
-    assert load_back(fid.load_statistics(str(tmp_path / "pt_form.npz")), saved)
+    assert load_back(fid.Source(str(tmp_path / "pt_form.npz")), saved)
     for existing in (stats, stats[:-len(".npz")]):
         with pytest.raises(SystemExit):
             fid.main(["--save-stats", samples, existing] + common)
@@ -335,9 +335,9 @@ def test_save_stats_round_trip(golden, model, weights_file, tmp_path, capsys):
         fid.main([samples, other, "--metrics", "fid"] + common)
 
 
-def load_back(loaded, saved):
-    return all(np.array_equal(loaded[k], saved[k]) for k in ("mu", "sigma", "mu_s", "sigma_s")) and \
-        loaded["mode"] == str(saved["mode"]) and loaded["network"] == str(saved["network"])
+def load_back(source, saved):  # what fid.py reads back from a statistics file
+    return all(np.array_equal(source.stats[k], saved[k]) for k in ("mu", "sigma", "mu_s", "sigma_s")) and \
+        source.meta == {"mode": str(saved["mode"]), "network": str(saved["network"])}
 
 
 def test_fid_of_statistics_files(tmp_path, capsys):
