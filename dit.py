@@ -366,10 +366,8 @@ class GaussianDiffusion:
         t ~ U{0..T-1}, then noise ~ N(0, I), from torch's global RNG when not given. Returns {"loss", "mse", "vb",
         "feats"}, feats the (N, T, D) output of block `return_features` from the same pass (else None).
         """
-        if t is None:
-            t = torch.randint(0, self.num_timesteps, (x_start.shape[0],), device=x_start.device)
-        if noise is None:
-            noise = torch.randn_like(x_start)
+        t = torch.randint(0, self.num_timesteps, (x_start.shape[0],), device=x_start.device) if t is None else t
+        noise = torch.randn_like(x_start) if noise is None else noise
         x_t = self.q_sample(x_start, t, noise)
         out = self._model(model, x_t, t, y, return_features)
         out, feats = (out, None) if return_features is None else out

@@ -94,10 +94,8 @@ class Transport:
         """Per-sample ‖model(x_t, t, y) − (α̇·x1 + σ̇·x0)‖² averaged over C, H, W: {"loss": (N,), "feats":
         (N, T, D) output of block `return_features` or None}. x0 ~ N(0, I), then t ~ U[0, t_end], from torch's
         global RNG (the official order) when not given."""
-        if x0 is None:
-            x0 = torch.randn_like(x1)
-        if t is None:
-            t = (torch.rand(x1.shape[0], device=x1.device) * self.t_end(train=True)).to(x1.dtype)
+        x0 = torch.randn_like(x1) if x0 is None else x0
+        t = (torch.rand(x1.shape[0], device=x1.device) * self.t_end(train=True)).to(x1.dtype) if t is None else t
         alpha, sigma, d_alpha, d_sigma = self.coefficients(_expand(t, x1))
         xt, ut = alpha * x1 + sigma * x0, d_alpha * x1 + d_sigma * x0               # x_t and its velocity
         out = model(xt, t, y) if return_features is None else model(xt, t, y, return_features=return_features)
