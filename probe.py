@@ -1,18 +1,12 @@
 """
 Shape probe: a sample-quality metric for the built-in shapes (data.py), as fid.py's Inception is for ImageNet.
 
-The network is a small CNN (three 3x3 conv-ReLU-maxpool layers of 16, 32, 32 channels, a global mean, a linear
-classifier; 14K parameters) trained here, once per image size, on 20,000 rendered shapes (seed 1000, no train.py
-default) under random blur and noise, which leave a shape a shape. It is cached with the feature statistics of
-5,000 held-out shapes (seed 1001) in ~/.cache/dispersive/ (or $XDG_CACHE_HOME) under a name that hashes the
-rendering, so a change to data.py's shapes retrains it (~20 s on 2 CPU cores). Nothing is downloaded.
-
-Colour is taken out: the probe sees only V = max(R, G, B) (HSV value), standardised per image. Recolouring a shape
-never moves V, and data.py draws V independently of the class, so neither the hue nor its luminance can decide.
-    shape_acc  fraction of images whose probe class is the asked-for label (chance 1 / 10)
-    shape_fd   Fréchet distance between the 32-d probe features (global mean of the last conv, scaled to unit mean
-               variance on real shapes) of the images and of the held-out shapes (all classes equally); like FID it
-               grows as the number of images shrinks: compare numbers of equally many images only
+A small CNN (three 3x3 conv-ReLU-maxpool layers of 16, 32, 32 channels, a global mean, a linear classifier) trained
+here on 20,000 rendered shapes under random blur and noise, deterministically, once per image size (~20 s on 2 CPU
+cores), and cached in ~/.cache/dispersive/ under a name that hashes the rendering; nothing is downloaded. It sees only
+V = max(R, G, B), standardised per image: data.py draws V independently of the class, so hue cannot decide.
+shape_acc: the fraction of images it assigns to the asked-for class (chance 1/10). shape_fd: the Fréchet distance of
+its 32-d features to those of 5,000 held-out shapes; like FID it grows as the number of images shrinks.
 
     python probe.py runs/<name>            # samples a train.py checkpoint: 20 per class with its grid settings
     python probe.py shapes.npz             # arr_0 uint8 (N, H, W, 3), arr_1 labels (indices into data.SHAPES)
@@ -29,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from data import SHAPES, render_shapes
+from dit import checked
 from fid import compute_statistics, frechet_distance
 
 TRAIN_SEED, REF_SEED, NUM_TRAIN, NUM_REF = 1000, 1001, 20_000, 5_000  # the probe's training and reference shapes
@@ -138,7 +133,8 @@ def sample_checkpoint(path, per_class=20, seed=0):
 def main(argv=None):
     p = argparse.ArgumentParser(description="Shape accuracy and shape FD of a checkpoint or an .npz of shapes.")
     p.add_argument("path", help="checkpoint.pt or run folder of train.py, or .npz with arr_0 uint8 NHWC, arr_1 labels")
-    p.add_argument("--per-class", type=int, default=20, help="samples per class from a checkpoint (default 20)")
+    p.add_argument("--per-class", type=checked(int, lambda v: v >= 1, "an integer >= 1"), default=20,
+                   help="samples per class from a checkpoint (default 20)")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling noise (default 0)")
     args = p.parse_args(argv)
     try:
