@@ -18,7 +18,7 @@ def rows():
 
 def test_bench_smoke_runs_every_section_and_counts_network_calls(rows):
     sections = {r["name"].split("/")[0] for r in rows}
-    assert sections == set(bench.SECTIONS) | {"bench"}  # + the process's peak memory
+    assert sections == set(bench.SECTIONS) - {"ablation"} | {"bench"}  # + the process's peak memory; ablation: on demand
     for r in rows:
         assert r["value"] is None or math.isfinite(r["value"]), r
     nfe = {r["name"] + " " + r["what"].split(":")[0]: r["value"] for r in rows if r["unit"] == "NFE"}
@@ -53,6 +53,16 @@ def test_bench_smoke_has_the_rows_of_the_readme_table(rows):
     for name, what, baseline in want:
         match = [r for r in rows if r["name"] == name and r["what"].startswith(what)]
         assert len(match) == 1 and (match[0]["baseline"] is not None) == baseline, (name, what, match)
+
+
+def test_bench_ablation_smoke_reports_every_setting():
+    rows = bench.main(["--only", "ablation", "--smoke", "--device", "cpu", "--json"])
+    got = {(r["name"], r["what"].split(" (")[0]): r for r in rows}
+    for name in ("none", "paper", "official", "contrastive"):
+        for what in ("shape accuracy, step 10", "shape accuracy, final grid"):
+            assert 0 <= got[f"ablation/{name}", what]["value"] <= 1
+        assert got[f"ablation/{name}", "shape FD, final grid"]["value"] > 0
+        assert got[f"ablation/{name}", "run time, mean"]["value"] > 0
 
 
 def test_bench_table_prints_every_row(rows, capsys):
