@@ -214,16 +214,12 @@ def load_inception(weights=None, device="cpu"):
         raise FIDError(f"the weights must be a state dict, got {type(state_dict).__name__}; use {WEIGHTS_NAME}")
     with torch.device("meta"):  # no random init of 24M parameters that are overwritten right away
         model = FIDInception()
-    shapes = {k: v.shape for k, v in model.state_dict().items()}
-    counters = {k: torch.zeros((), dtype=torch.long) for k in shapes if k.endswith("num_batches_tracked")}
-    state_dict = {**counters, **state_dict}  # some weight files omit the BatchNorm counters, which eval never reads
-    bad = {"missing keys": [k for k in shapes if k not in state_dict],
-           "unexpected keys": [k for k in state_dict if k not in shapes],
-           "keys of another shape": [k for k in shapes if k in state_dict and state_dict[k].shape != shapes[k]]}
-    if any(bad.values()):
-        bad = "; ".join(f"{len(keys)} {what}, e.g. {keys[:2]}" for what, keys in bad.items())
-        raise FIDError(f"these weights are not the FID Inception's ({bad}); use pytorch-fid's {WEIGHTS_NAME}")
-    model.load_state_dict(state_dict, strict=True, assign=True)
+    counters = {k: torch.zeros((), dtype=torch.long) for k in model.state_dict() if k.endswith("num_batches_tracked")}
+    try:  # {**counters, ...}: some weight files omit the BatchNorm counters, which eval never reads
+        model.load_state_dict({**counters, **state_dict}, strict=True, assign=True)
+    except RuntimeError as e:  # torch names the missing and unexpected keys and those of another shape
+        raise FIDError(f"these weights are not the FID Inception's ({' '.join(str(e).split())[:400]}); use "
+                       f"pytorch-fid's {WEIGHTS_NAME}") from e
     model.network_id = OFFICIAL_NETWORK_ID if official else _state_dict_id(state_dict)
     return model.float().eval().requires_grad_(False).to(device)
 
