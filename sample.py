@@ -355,8 +355,7 @@ def main(argv=None):
         if args.cfg_scale != 1.0 and cfg.get("class_dropout_prob", 0.1) <= 0:
             _fail(f"{args.ckpt} was trained without label dropout, so it has no null class for CFG: use --cfg-scale 1.")
         if (args.guide_channels or 0) > model.in_channels:
-            _fail(f"--guide-channels {args.guide_channels} is out of range: the model has {model.in_channels} "
-                  f"channels.")
+            _fail(f"--guide-channels {args.guide_channels} out of range: the model has {model.in_channels} channels.")
         args.num_steps = args.num_steps or {"meanflow": 1}.get(family, 250)
         if args.sampler.startswith("sde") and args.num_steps < 2:
             _fail(f"--sampler {args.sampler} needs --num-steps >= 2 (its grid counts points, the last step included).")
@@ -395,8 +394,7 @@ def main(argv=None):
         if args.num_samples is None:
             classes = args.classes or (DEFAULT_CLASSES if K == 1000 else list(range(min(8, K))))
             if max(classes) >= K:
-                _fail(f"classes {[c for c in classes if c >= K]} are out of range: the model has {K} classes "
-                      f"(0..{K - 1}).")
+                _fail(f"classes {[c for c in classes if c >= K]} are out of range: the model has classes 0..{K - 1}.")
             images, args.out = draw(0, classes), args.out or os.path.join("samples", name + ".png")
             save_pngs(args.sample_dir, 0, images)
             log(f"wrote {save_grid(images, args.out, args.nrow)}")

@@ -91,8 +91,7 @@ def train_step(loss_module, optimizer, next_batch, accum_steps=1, autocast=conte
     ema: (ema_params, model_params), updated as ema ← decay · ema + (1 − decay) · param.
     """
     if not (optimizer.defaults.get("fused") and getattr(optimizer, "_step_supports_amp_scaling", False)):
-        raise ValueError("train_step skips non-finite steps on the device and needs a fused optimizer: use "
-                         "torch.optim.AdamW(..., fused=True)")
+        raise ValueError("train_step skips non-finite steps on the device: use torch.optim.AdamW(..., fused=True)")
     stats = {}
     for i in range(accum_steps):
         x, y = next_batch()
@@ -274,8 +273,7 @@ def main(argv=None):
                              f"{cfg.micro_batch_size} × {world} process(es): choose global = micro × processes × "
                              f"accumulation steps")
         if (disp.enabled or cfg.disp == "contrastive") and cfg.micro_batch_size < 2:
-            raise SystemExit("error: the dispersive loss needs at least 2 samples per micro-batch: raise "
-                             "--micro-batch-size")
+            raise SystemExit("error: the dispersive loss needs 2+ samples per micro-batch: raise --micro-batch-size")
         if cfg.num_workers is None:  # the shapes live in memory; decoding images wants workers (the node's CPUs)
             cpus = (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
             cfg.num_workers = 0 if isinstance(dataset, data.ShapesDataset) else min(8, cpus)
@@ -467,8 +465,7 @@ def run_folder(cfg, step):
         raise SystemExit(f"error: cannot create a run folder in {cfg.results_dir} ({e.strerror}): choose a writable "
                          f"--results-dir")
     if os.listdir(path):
-        raise SystemExit(f"error: {path} already holds a run: continue it with --resume {path}, or choose another "
-                         f"--run-name")
+        raise SystemExit(f"error: {path} already holds a run: continue it with --resume {path} or a new --run-name")
     if resumed:
         copy_metrics(parent, path, step)
         print(f"branching from step {step} of {resumed} into {path}")
