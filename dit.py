@@ -551,6 +551,8 @@ def distributed(device=None):
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=3))
     try:
         yield int(os.environ.get("RANK", 0)), world, device
+        if own:  # important! gloo's threads need the GIL to free finished collectives: let them before the group dies
+            dist.barrier()  # (a rank that frees its group at once can deadlock in ~ProcessGroupGloo's thread join)
     finally:
         if own:
             dist.destroy_process_group()
