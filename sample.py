@@ -30,7 +30,6 @@ from PIL import Image
 import data
 import dit
 import meanflow
-import probe
 import sit
 
 MODELS = {**dit.DiT_models, **sit.SiT_models, **meanflow.MeanFlow_models}
@@ -208,8 +207,10 @@ class Grids:
                 x = torch.cat([self.vae.decode(b.float() / data.VAE_SCALE).sample for b in x.split(32)])
         images = to_uint8(x)
         path = save_grid(images, f"{cfg.run_dir}/samples_{tag or f'{step:06d}'}.png", cfg.grid_per_class)
-        # on the built-in shapes: how many samples show the asked-for shape, how close to the real ones
-        metrics = probe.shape_metrics(images, self.y.cpu().numpy()) if not (cfg.data_path or cfg.latent_cache) else {}
+        metrics = {}
+        if not (cfg.data_path or cfg.latent_cache):  # the built-in shapes: do the samples show the asked-for shapes?
+            import probe  # lazily: it brings fid.py and scipy, which no other run needs
+            metrics = probe.shape_metrics(images, self.y.cpu().numpy())
         self.log(f"wrote {path} ({time.time() - t0:.1f}s)" + "".join(f" | {k} {v:.4g}" for k, v in metrics.items()))
         return dict(step=step, **metrics)
 
