@@ -424,19 +424,6 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
     return float((mu1 - mu2) @ (mu1 - mu2) + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
 
 
-def frechet_distance_sqrtm(mu1, sigma1, mu2, sigma2, eps=1e-6):
-    """The reference formula of TTUR / pytorch-fid / ADM's evaluator: scipy.linalg.sqrtm of Σ1 Σ2."""
-    mu1, sigma1, mu2, sigma2 = _check_statistics(mu1, sigma1, mu2, sigma2)
-    covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
-    if not np.isfinite(covmean).all():  # singular product: the reference adds eps to both diagonals
-        warnings.warn(f"sqrtm of a singular product; adding {eps} to the covariance diagonals")
-        offset = np.eye(len(sigma1)) * eps
-        covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
-    if np.iscomplexobj(covmean) and not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-        raise ValueError(f"sqrtm has an imaginary component of {np.max(np.abs(covmean.imag)):.3g}")
-    return float((mu1 - mu2) @ (mu1 - mu2) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean.real))
-
-
 def inception_score(logits, splits=10):
     """exp(E_x KL(p(y|x) ‖ p(y))) per consecutive split, averaged; softmax over all 1008 classes.
 
