@@ -614,5 +614,6 @@ def main(argv=None):
         except (ValueError, DataError) as e:  # one sentence, not a traceback (a worker's DataError carries one)
             raise SystemExit(f"error: {e.sentence if isinstance(e, DataError) else e}")
 
+
 if __name__ == "__main__":
     main()

@@ -346,7 +346,7 @@ class GaussianDiffusion:
                 "pred_xstart": pred_xstart}
 
     def p_mean_variance(self, model, x, t, y):
-        """p(x_{t-1} | x_t) as {"mean", "variance", "log_variance", "pred_xstart"}."""
+        """p(x_{t-1} | x_t) as {"mean", "log_variance", "pred_xstart"}."""
         return self._mean_variance(self._model(model, x, t, y), x, t)
 
     def _vb_terms_bpd(self, model_output, x_start, x_t, t):

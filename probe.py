@@ -117,7 +117,7 @@ def shape_metrics(images, labels, image_size=None):
 def sample_checkpoint(path, per_class=20, seed=0):
     """(uint8 images, labels): per_class samples of every class from a train.py checkpoint of the built-in shapes,
     with the sampler, steps and guidance of its grids."""
-    import sample  # lazily: sample.py imports this file
+    import sample  # lazily: only a checkpoint needs the models and samplers
 
     model, family, cfg = sample.load_model(path)
     if cfg.get("latent") or cfg.get("data_path"):
