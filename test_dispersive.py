@@ -8,7 +8,6 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -355,9 +354,9 @@ def test_capture_removes_its_hook():
 
 # ----------------------------------------------------------------------------- 2 processes, gloo
 
-def _dist_worker(rank, world, init_file, out_dir):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+def _dist_worker(rank, out_dir):
+    dist.init_process_group("gloo")  # env://, as under torchrun
+    world = dist.get_world_size()
     torch.manual_seed(0)
     z_global = torch.randn(8, 3, 5, dtype=torch.float64)  # the same on every rank
     local = z_global.chunk(world)[rank]
@@ -383,11 +382,10 @@ def _dist_worker(rank, world, init_file, out_dir):
 
 
 @pytest.fixture(scope="module")
-def two_ranks(tmp_path_factory):
+def two_ranks(spawn_group):
     """The results of _dist_worker on each rank of one real 2-process gloo group (spawned once for both tests)."""
-    tmp = tmp_path_factory.mktemp("gloo")
-    mp.spawn(_dist_worker, args=(2, str(tmp / "init"), str(tmp)), nprocs=2, join=True)
-    return [torch.load(tmp / f"rank{rank}.pt", weights_only=True) for rank in range(2)]
+    out = spawn_group(_dist_worker)
+    return [torch.load(os.path.join(out, f"rank{rank}.pt"), weights_only=True) for rank in range(2)]
 
 
 def test_gather_two_process_gloo(two_ranks):

@@ -6,12 +6,10 @@ import argparse
 import json
 import os
 import re
-import socket
 
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing as mp
 from PIL import Image
 
 import data
@@ -370,26 +368,17 @@ def test_same_images_for_any_batch_size(ckpts, tmp_path, name, sampler):
     assert_images_close(outs[0], outs[1])
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _worker(rank, out, argv):
+    sample.main(argv + ["--device", "cpu", "--out", os.path.join(out, "two.npz")])  # gloo on the CPU
 
 
-def _worker(rank, world, port, argv):
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    sample.main(argv + ["--device", "cpu"])                                       # gloo on the CPU
-
-
-def test_same_file_for_one_and_two_processes(ckpts, tmp_path):
+def test_same_file_for_one_and_two_processes(ckpts, tmp_path, spawn_group):
     # SDE: stochastic, so this also checks that no process's noise depends on which shards it was given
     common = ["--ckpt", str(ckpts["SiT-T/4"]), "--num-samples", "10", "--shard-size", "3", "--batch-size", "2",
               "--sampler", "sde", "--num-steps", "5", "--cfg-scale", "1.5", "--seed", "11"]
     run(*common, "--out", tmp_path / "one.npz")
-    mp.spawn(_worker, args=(2, _free_port(), common + ["--out", str(tmp_path / "two.npz")]), nprocs=2)
-    one, two = np.load(tmp_path / "one.npz"), np.load(tmp_path / "two.npz")
+    out = spawn_group(_worker, common)
+    one, two = np.load(tmp_path / "one.npz"), np.load(os.path.join(out, "two.npz"))
     assert np.array_equal(one["arr_0"], two["arr_0"]) and np.array_equal(one["arr_1"], two["arr_1"])
     assert str(one["meta"]) == str(two["meta"]) and one["arr_0"].std() > 10
 

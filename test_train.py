@@ -9,14 +9,13 @@ import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing as mp
 from PIL import Image
 from torch.utils.data import DistributedSampler
 
@@ -543,26 +542,28 @@ DDP_ARGV = ["--image-size", "16", "--global-batch-size", "8", "--micro-batch-siz
             "--log-every", "1", "--sample-every", "0", "--global-seed", "3"]
 
 
-def _ddp_worker(rank, world, port, argv, out_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
-    torch.set_num_threads(1)
-    out = train.main(argv)
-    torch.save({"model": out["model"].state_dict(), "ema": out["ema"].state_dict()},
-               os.path.join(out_dir, f"rank{rank}.pt"))
+def _ddp_worker(rank, out, argv):
+    result = train.main(argv + ["--results-dir", out, "--run-name", "ddp"])
+    torch.save({"model": result["model"].state_dict(), "ema": result["ema"].state_dict()},
+               os.path.join(out, f"rank{rank}.pt"))
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _hang_on_first_attempt(rank, out):
+    if rank == 1 and os.path.basename(out).startswith("spawn1-"):
+        time.sleep(600)  # a hung rank
+    open(os.path.join(out, f"done{rank}"), "w").close()
+
+
+def test_a_hung_process_group_is_stopped_with_its_stacks_and_run_again(spawn_group):
+    with pytest.warns(UserWarning, match=r"(?s)_hang_on_first_attempt hung \(> 2 s\).*rank 1.*in _hang_on_first_attempt"):
+        out = spawn_group(_hang_on_first_attempt, hang_s=2)
+    assert os.path.basename(out).startswith("spawn2-") and {"done0", "done1"} <= set(os.listdir(out))
 
 
 @pytest.mark.parametrize("name", ["SiT-T/4", "MeanFlow-T/4"])  # MeanFlow: its JVP runs inside DDP's forward
-def test_ddp_two_processes_match_single_process_reference(tmp_path, name):
-    argv = ["--model", name, *DDP_ARGV, "--results-dir", str(tmp_path), "--run-name", "ddp"]
-    mp.spawn(_ddp_worker, args=(2, _free_port(), argv, str(tmp_path)), nprocs=2, join=True)
-    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
+def test_ddp_two_processes_match_single_process_reference(spawn_group, name):
+    folder = spawn_group(_ddp_worker, ["--model", name, *DDP_ARGV])
+    r0, r1 = (torch.load(os.path.join(folder, f"rank{r}.pt"), weights_only=True) for r in range(2))
     assert_identical(r0, r1, "rank0 vs rank1")
 
     # reference: each rank's loss on its own micro-batches (dispersive term per micro-batch), with the seeds the
@@ -599,7 +600,7 @@ def test_ddp_two_processes_match_single_process_reference(tmp_path, name):
     assert ref_delta.norm() > 0 and rel(delta, ref_delta) < 1e-5
     ema_ref = torch.cat([(0.99 * start[k] + 0.01 * p.detach()).flatten() for k, p in model.named_parameters()])
     assert rel(torch.cat([r0["ema"][k].flatten() for k in start]), ema_ref) < 1e-6  # demo EMA decay 0.99
-    row = metrics(tmp_path / "ddp")[0]
+    row = metrics(os.path.join(folder, "ddp"))[0]
     assert row["gnorm"] == pytest.approx(gnorm, rel=1e-5)  # the synchronised gradient: mean, not sum
     assert row["loss"] == pytest.approx(np.mean(losses), rel=1e-5)  # all-reduced over ranks
 

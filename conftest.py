@@ -1,0 +1,58 @@
+"""Shared by the tests: real multi-process gloo groups on the CPU, started as torchrun would start them, with a
+watchdog, so that a hung process ends the test with its stacks instead of hanging the suite."""
+
+import faulthandler
+import functools
+import os
+import socket
+import tempfile
+import warnings
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+HANG_S = 240  # a 2-process test here takes ~10 s on 2 cores
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _watched(rank, world, port, out, hang_s, fn, args):
+    """Child side: torchrun's environment, one thread, then fn(rank, out, *args) under a watchdog that writes every
+    thread's stack to out/hang_rank<r>.txt and exits if the process is still alive hang_s later (exit included)."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    fd = os.open(os.path.join(out, f"hang_rank{rank}.txt"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    faulthandler.dump_traceback_later(hang_s, exit=True, file=fd)  # armed until the interpreter is gone
+    fn(rank, out, *args)
+
+
+def spawn(fn, *args, nprocs=2, hang_s=HANG_S, attempts=2, root=None):
+    """fn(rank, out, *args) in nprocs spawned processes of one group (env://: MASTER_PORT etc. set, a fresh port and
+    folder `out` under root per attempt); returns `out`. A run that hangs is stopped after hang_s and, once, run again with the
+    hung stacks as a warning: a rare teardown hang of gloo under load must not cost the suite its time limit, and a
+    second hang fails with the stacks."""
+    for attempt in range(1, attempts + 1):
+        out = tempfile.mkdtemp(prefix=f"spawn{attempt}-", dir=root)
+        try:
+            mp.spawn(_watched, args=(nprocs, _free_port(), out, hang_s, fn, args), nprocs=nprocs)
+            return out
+        except mp.ProcessExitedException:
+            stacks = "".join(f"--- rank {r}:\n{text}" for r in range(nprocs)
+                             if (text := open(os.path.join(out, f"hang_rank{r}.txt")).read()))
+            if not stacks:
+                raise
+            if attempt == attempts:
+                pytest.fail(f"{fn.__name__} hung {attempts} time(s) (> {hang_s} s); the stacks:\n{stacks}")
+            warnings.warn(f"{fn.__name__} hung (> {hang_s} s) and runs again; the stacks:\n{stacks}")
+
+
+@pytest.fixture(scope="session")
+def spawn_group(tmp_path_factory):
+    """spawn, with its folders in pytest's temporary directory."""
+    return functools.partial(spawn, root=tmp_path_factory.getbasetemp())
