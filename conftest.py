@@ -32,15 +32,16 @@ def _watched(rank, world, port, out, hang_s, fn, args):
     fn(rank, out, *args)
 
 
-def spawn(fn, *args, nprocs=2, hang_s=HANG_S, attempts=2, root=None):
-    """fn(rank, out, *args) in nprocs spawned processes of one group (env://: MASTER_PORT etc. set, a fresh port and
-    folder `out` under root per attempt); returns `out`. A run that hangs is stopped after hang_s and, once, run again with the
-    hung stacks as a warning: a rare teardown hang of gloo under load must not cost the suite its time limit, and a
-    second hang fails with the stacks."""
+def spawn(fn, *args, nprocs=2, hang_s=HANG_S, attempts=2, root=None, start_method="spawn"):
+    """fn(rank, out, *args) in nprocs processes of one group, spawned (or forked: start_method="fork"), with env://'s
+    MASTER_PORT etc. set and a fresh port and folder `out` under root per attempt; returns `out`. A run that hangs is
+    stopped after hang_s and run once more, with the hung stacks as a warning: a rare hang of a gloo group (seen once
+    in CI, cause not found) must not cost the suite its time limit. A second hang fails the test with the stacks."""
     for attempt in range(1, attempts + 1):
         out = tempfile.mkdtemp(prefix=f"spawn{attempt}-", dir=root)
         try:
-            mp.spawn(_watched, args=(nprocs, _free_port(), out, hang_s, fn, args), nprocs=nprocs)
+            child_args = (nprocs, _free_port(), out, hang_s, fn, args)
+            mp.start_processes(_watched, child_args, nprocs, start_method=start_method)
             return out
         except mp.ProcessExitedException:
             stacks = "".join(f"--- rank {r}:\n{text}" for r in range(nprocs)

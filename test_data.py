@@ -3,7 +3,6 @@
 import json
 import os
 import shutil
-import socket
 import sys
 import warnings
 
@@ -412,27 +411,21 @@ def test_cache_damage_is_found_at_open(setup, tmp_path):
     data.verify_cache(out)
 
 
-def _gloo_worker(rank, world, port, out, common):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+def _gloo_worker(rank, out, common):
+    torch.distributed.init_process_group("gloo")  # env://, as under torchrun
     try:
-        res = data.build_cache(out=out, dtype="float32", **common)
+        res = data.build_cache(out=os.path.join(out, "ddp"), dtype="float32", **common)
         assert res["complete"] and res["encoded_chunks"] == [rank, rank + 2]
     finally:
         torch.distributed.destroy_process_group()
 
 
-def test_cache_two_process_gloo(setup, tmp_path):
+def test_cache_two_process_gloo(setup, spawn_group):
     root, common = setup
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     # fork: the children reuse this process's imported torch and diffusers (a spawn re-imports them, ~10 s each)
-    torch.multiprocessing.start_processes(_gloo_worker, args=(2, port, str(tmp_path / "ddp"), common), nprocs=2,
-                                          start_method="fork")
-    assert (tmp_path / "ddp" / "complete.json").exists()
-    (mean, std, labels), (ref_mean, ref_std, ref_labels) = _arrays(tmp_path / "ddp"), _arrays(root / "c32")
+    out = spawn_group(_gloo_worker, common, start_method="fork")
+    assert os.path.exists(os.path.join(out, "ddp", "complete.json"))
+    (mean, std, labels), (ref_mean, ref_std, ref_labels) = _arrays(os.path.join(out, "ddp")), _arrays(root / "c32")
     np.testing.assert_array_equal(labels, ref_labels)
     # not bitwise: the children run one thread each, which reorders the convolutions' float32 sums
     for a, b in ((mean, ref_mean), (std, ref_std)):
