@@ -13,6 +13,7 @@ from PIL import Image, ImageFile
 from torch.utils.data import TensorDataset
 
 import data
+from test_spawn import spawn
 
 
 def _save(path, arr, **kw):
@@ -420,10 +421,10 @@ def _gloo_worker(rank, out, common):
         torch.distributed.destroy_process_group()
 
 
-def test_cache_two_process_gloo(setup, spawn_group):
+def test_cache_two_process_gloo(setup, tmp_path):
     root, common = setup
     # fork: the children reuse this process's imported torch and diffusers (a spawn re-imports them, ~10 s each)
-    out = spawn_group(_gloo_worker, common, start_method="fork")
+    out = spawn(_gloo_worker, common, root=tmp_path, start_method="fork")
     assert os.path.exists(os.path.join(out, "ddp", "complete.json"))
     (mean, std, labels), (ref_mean, ref_std, ref_labels) = _arrays(os.path.join(out, "ddp")), _arrays(root / "c32")
     np.testing.assert_array_equal(labels, ref_labels)

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from dispersive import VARIANTS, DispersiveConfig, capture, contrastive_loss, dispersive_loss
+from test_spawn import spawn
 
 SHAPES = [(2, 1, 1), (3, 7), (5, 3, 4), (8, 16, 8), (6, 2, 3, 4)]
 
@@ -382,9 +383,9 @@ def _dist_worker(rank, out_dir):
 
 
 @pytest.fixture(scope="module")
-def two_ranks(spawn_group):
+def two_ranks(tmp_path_factory):
     """The results of _dist_worker on each rank of one real 2-process gloo group (spawned once for both tests)."""
-    out = spawn_group(_dist_worker)
+    out = spawn(_dist_worker, root=tmp_path_factory.mktemp("gloo"))
     return [torch.load(os.path.join(out, f"rank{rank}.pt"), weights_only=True) for rank in range(2)]
 
 

@@ -17,6 +17,7 @@ import dit
 import meanflow
 import sample
 import sit
+from test_spawn import spawn
 
 S, K = 16, 5  # image size (pixels; patch 4 -> 16 tokens) and number of classes of the tiny checkpoints
 
@@ -372,12 +373,12 @@ def _worker(rank, out, argv):
     sample.main(argv + ["--device", "cpu", "--out", os.path.join(out, "two.npz")])  # gloo on the CPU
 
 
-def test_same_file_for_one_and_two_processes(ckpts, tmp_path, spawn_group):
+def test_same_file_for_one_and_two_processes(ckpts, tmp_path):
     # SDE: stochastic, so this also checks that no process's noise depends on which shards it was given
     common = ["--ckpt", str(ckpts["SiT-T/4"]), "--num-samples", "10", "--shard-size", "3", "--batch-size", "2",
               "--sampler", "sde", "--num-steps", "5", "--cfg-scale", "1.5", "--seed", "11"]
     run(*common, "--out", tmp_path / "one.npz")
-    out = spawn_group(_worker, common)
+    out = spawn(_worker, common, root=tmp_path)
     one, two = np.load(tmp_path / "one.npz"), np.load(os.path.join(out, "two.npz"))
     assert np.array_equal(one["arr_0"], two["arr_0"]) and np.array_equal(one["arr_1"], two["arr_1"])
     assert str(one["meta"]) == str(two["meta"]) and one["arr_0"].std() > 10

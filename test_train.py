@@ -11,7 +11,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -24,6 +23,7 @@ import dit
 import sample
 import train
 from dispersive import DispersiveConfig, dispersive_loss
+from test_spawn import spawn
 
 
 def make_folder(root, n=24, classes=3, size=16, seed=0):
@@ -548,21 +548,9 @@ def _ddp_worker(rank, out, argv):
                os.path.join(out, f"rank{rank}.pt"))
 
 
-def _hang_on_first_attempt(rank, out):
-    if rank == 1 and os.path.basename(out).startswith("spawn1-"):
-        time.sleep(600)  # a hung rank
-    open(os.path.join(out, f"done{rank}"), "w").close()
-
-
-def test_a_hung_process_group_is_stopped_with_its_stacks_and_run_again(spawn_group):
-    with pytest.warns(UserWarning, match=r"(?s)_hang_on_first_attempt hung \(> 2 s\).*rank 1.*in _hang_on_first_attempt"):
-        out = spawn_group(_hang_on_first_attempt, hang_s=2)
-    assert os.path.basename(out).startswith("spawn2-") and {"done0", "done1"} <= set(os.listdir(out))
-
-
 @pytest.mark.parametrize("name", ["SiT-T/4", "MeanFlow-T/4"])  # MeanFlow: its JVP runs inside DDP's forward
-def test_ddp_two_processes_match_single_process_reference(spawn_group, name):
-    folder = spawn_group(_ddp_worker, ["--model", name, *DDP_ARGV])
+def test_ddp_two_processes_match_single_process_reference(tmp_path, name):
+    folder = spawn(_ddp_worker, ["--model", name, *DDP_ARGV], root=tmp_path)
     r0, r1 = (torch.load(os.path.join(folder, f"rank{r}.pt"), weights_only=True) for r in range(2))
     assert_identical(r0, r1, "rank0 vs rank1")
 

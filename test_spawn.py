@@ -1,11 +1,12 @@
-"""Shared by the tests: real multi-process gloo groups on the CPU, started as torchrun would start them, with a
-watchdog, so that a hung process ends the test with its stacks instead of hanging the suite."""
+"""spawn() for the tests that run real multi-process gloo groups on the CPU (test_data, test_dispersive, test_sample,
+test_train): started as torchrun would start them, under a watchdog, so that a hung process ends the test with its
+stacks instead of hanging the suite; and the test of that watchdog."""
 
 import faulthandler
-import functools
 import os
 import socket
 import tempfile
+import time
 import warnings
 
 import pytest
@@ -44,8 +45,9 @@ def spawn(fn, *args, nprocs=2, hang_s=HANG_S, attempts=2, root=None, start_metho
             mp.start_processes(_watched, child_args, nprocs, start_method=start_method)
             return out
         except mp.ProcessExitedException:
-            stacks = "".join(f"--- rank {r}:\n{text}" for r in range(nprocs)
-                             if (text := open(os.path.join(out, f"hang_rank{r}.txt")).read()))
+            dumps = [os.path.join(out, f"hang_rank{r}.txt") for r in range(nprocs)]  # absent: died before the watchdog
+            stacks = "".join(f"--- rank {r}:\n{open(f).read()}" for r, f in enumerate(dumps)
+                             if os.path.exists(f) and os.path.getsize(f))
             if not stacks:
                 raise
             if attempt == attempts:
@@ -53,7 +55,16 @@ def spawn(fn, *args, nprocs=2, hang_s=HANG_S, attempts=2, root=None, start_metho
             warnings.warn(f"{fn.__name__} hung (> {hang_s} s) and runs again; the stacks:\n{stacks}")
 
 
-@pytest.fixture(scope="session")
-def spawn_group(tmp_path_factory):
-    """spawn, with its folders in pytest's temporary directory."""
-    return functools.partial(spawn, root=tmp_path_factory.getbasetemp())
+def _hang_on_first_attempt(rank, out):
+    if rank == 1 and os.path.basename(out).startswith("spawn1-"):
+        time.sleep(600)  # a hung rank
+    open(os.path.join(out, f"done{rank}"), "w").close()
+
+
+def test_a_hung_process_group_is_stopped_with_its_stacks_and_run_again(tmp_path):
+    hung = r"(?s)_hang_on_first_attempt hung.*\(> 2 s\).*rank 1.*in _hang_on_first_attempt"  # and its stack
+    with pytest.warns(UserWarning, match=hung):
+        out = spawn(_hang_on_first_attempt, hang_s=2, root=tmp_path)
+    assert os.path.basename(out).startswith("spawn2-") and {"done0", "done1"} <= set(os.listdir(out))
+    with pytest.raises(pytest.fail.Exception, match=hung):  # the last attempt hangs: the test fails, with the stack
+        spawn(_hang_on_first_attempt, hang_s=2, root=tmp_path, attempts=1)
