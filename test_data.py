@@ -13,7 +13,7 @@ from PIL import Image, ImageFile
 from torch.utils.data import TensorDataset
 
 import data
-from test_spawn import spawn
+from test_support import spawn
 
 
 def _save(path, arr, **kw):

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from dispersive import VARIANTS, DispersiveConfig, capture, contrastive_loss, dispersive_loss
-from test_spawn import spawn
+from test_support import spawn
 
 SHAPES = [(2, 1, 1), (3, 7), (5, 3, 4), (8, 16, 8), (6, 2, 3, 4)]
 

@@ -16,6 +16,7 @@ import torch
 import dit
 from dit import (SIZES, DiT, DiT_models, LabelEmbedder, Progress, classifier_free_guidance, create_diffusion,
                  load_checkpoint, load_url, read_checkpoint, sample, space_timesteps, state_dict_of, timestep_embedding)
+from test_support import one_thread  # noqa: F401  (autouse: one intra-op thread in this module)
 
 TESTDATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "testdata")
 
@@ -40,14 +41,6 @@ def official_model(g, **overrides):
     model.load_state_dict(g["state_dict"], strict=True)
     return model.eval()
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # the tensors here are tiny: on a busy machine, waking a second intra-op thread per op costs more than it saves
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -14,18 +14,11 @@ from scipy import stats
 import dit
 from dit import DiT, TimestepEmbedder
 from meanflow import SIZES, MeanFlow, MeanFlow_defaults, MeanFlow_models, MeanFlowDiT, jvp, predict_and_target, sample
+from test_support import one_thread  # noqa: F401  (autouse: one intra-op thread in this module)
 
 # torch builds its forward-AD decompositions with torch.jit.script once per process, which warns
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny tensors: thread wake-ups and barriers cost more than the work itself (far more on a busy machine)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _rel(a, b):

@@ -17,7 +17,7 @@ import dit
 import meanflow
 import sample
 import sit
-from test_spawn import spawn
+from test_support import one_thread, spawn  # noqa: F401  (one_thread: autouse, one intra-op thread here)
 
 S, K = 16, 5  # image size (pixels; patch 4 -> 16 tokens) and number of classes of the tiny checkpoints
 
@@ -86,14 +86,6 @@ def assert_images_close(a, b, max_frac=1e-3):
     d = np.abs(a.astype(np.int16) - b.astype(np.int16))
     assert d.max() <= 1 and (d > 0).mean() <= max_frac, (d.max(), (d > 0).mean())
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # tiny tensors: intra-op threads only add overhead on the shared 2-core machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ import torch
 import dit
 from dit import DiT
 from sit import SAMPLERS, SiT, SiT_models, Transport, load_checkpoint, sample
+from test_support import one_thread  # noqa: F401  (autouse: one intra-op thread in this module)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 GOLDEN = torch.load(os.path.join(HERE, "testdata", "sit_golden.pt"), weights_only=True)
@@ -21,14 +22,6 @@ GOLDEN = torch.load(os.path.join(HERE, "testdata", "sit_golden.pt"), weights_onl
 def rel(a, b):
     return ((a - b).norm() / b.norm()).item()
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # the tensors here are tiny: on a busy machine, waking a second intra-op thread per op costs more than it saves
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def tiny_sit():

@@ -23,7 +23,7 @@ import dit
 import sample
 import train
 from dispersive import DispersiveConfig, dispersive_loss
-from test_spawn import spawn
+from test_support import spawn
 
 
 def make_folder(root, n=24, classes=3, size=16, seed=0):

@@ -1,6 +1,7 @@
-"""spawn() for the tests that run real multi-process gloo groups on the CPU (test_data, test_dispersive, test_sample,
-test_train): started as torchrun would start them, under a watchdog, so that a hung process ends the test with its
-stacks instead of hanging the suite; and the test of that watchdog."""
+"""What the test files share: the one_thread fixture, and spawn() for the tests that run real multi-process gloo groups
+on the CPU (test_data, test_dispersive, test_sample, test_train), started as torchrun would start them, under a
+watchdog, so that a hung process ends the test with its stacks instead of hanging the suite; and the test of that
+watchdog."""
 
 import faulthandler
 import os
@@ -14,6 +15,16 @@ import torch
 import torch.multiprocessing as mp
 
 HANG_S = 240  # a 2-process test here takes ~10 s on 2 cores
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread for a module of tiny tensors (import it there): on a busy 2-core machine, waking a second
+    thread per op costs more than it saves."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def _free_port():
