@@ -183,10 +183,12 @@ def _entries(path):
         return []
 
 
-def _scan(root, seen, rel=""):
-    # image paths under root/rel relative to root, sorted, a folder's files before its subfolders (os.walk's order).
-    # Links are followed, but each real folder is entered once (`seen` holds (st_dev, st_ino)): a link loop such as
-    # `ln -s . self` would otherwise hang the scan or count images many times.
+def scan_images(root, seen=None, rel=""):
+    """Image paths under root/rel, relative to root, sorted, a folder's files before its subfolders (os.walk's order).
+    Links are followed, but each real folder is entered once (`seen`: the (st_dev, st_ino) of those already entered):
+    a link loop such as `ln -s . self` would otherwise hang the scan or count images many times. Hidden entries
+    (.ipynb_checkpoints, ...) are left out."""
+    seen = set() if seen is None else seen
     st = os.stat(os.path.join(root, rel))
     if (st.st_dev, st.st_ino) in seen:
         return []
@@ -194,7 +196,7 @@ def _scan(root, seen, rel=""):
     entries = _entries(os.path.join(root, rel))
     found = [os.path.join(rel, n) for n, is_dir in entries if not is_dir and n.lower().endswith(IMG_EXTENSIONS)]
     for n in (n for n, is_dir in entries if is_dir):
-        found += _scan(root, seen, os.path.join(rel, n))
+        found += scan_images(root, seen, os.path.join(rel, n))
     return found
 
 
@@ -221,7 +223,7 @@ class ImageFolder(Dataset):
         seen = {(st.st_dev, st.st_ino)} if self.classes else set()  # no class folder's link back to root is followed
         paths, labels = [], []
         for k, name in enumerate(self.classes or [""]):
-            found = _scan(self.root, seen, name)
+            found = scan_images(self.root, seen, name)
             if self.classes and not found:
                 warnings.warn(f"Class folder {os.path.join(root, name)} holds no images; its index {k} is unused.")
             paths += found

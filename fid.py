@@ -33,6 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from data import IMG_EXTENSIONS, scan_images
 from dit import Progress, checked, default_device, load_url
 
 WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"  # torch.hub's convention: name ends in its sha256 prefix
@@ -47,7 +48,6 @@ DIMS = {"pool3": 2048, "logits": 1008, "logits_unbiased": 1008, "spatial": 17 * 
 # what the keys of a statistics file that does not state its mode suggest
 SUGGESTED_BY_KEYS = {"tf": "mu, sigma, mu_s, sigma_s are ADM's reference-batch layout, made with the TF graph",
                      "pytorch-fid": "mu/sigma alone is pytorch-fid's statistics format, made with its preprocessing"}
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm")
 
 
 class FIDError(ValueError):
@@ -498,9 +498,10 @@ class Source:
     def __init__(self, path):
         self.path, self.files, self.stats, self.meta, self.num_images = path, [], {}, {}, 0
         if os.path.isdir(path):
-            self.files = _list_images(path)
+            # every image once (a link loop neither hangs the scan nor repeats images), ordered by path components
+            self.files = [os.path.join(path, r) for r in sorted(scan_images(path), key=lambda r: r.split(os.sep))]
             if not self.files:
-                raise FIDError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {path}")
+                raise FIDError(f"no images ({', '.join(IMG_EXTENSIONS)}) found under {path}")
             self.num_images = len(self.files)
             return
         if not (os.path.isfile(path) and path.endswith(".npz")):
@@ -567,12 +568,6 @@ def _npz_batches(path, batch_size, limit):
             if len(data) < n * image_bytes:
                 raise FIDError(f"{path} is truncated (it ends in image {i + len(data) // image_bytes}); rewrite it")
             yield np.frombuffer(data, dtype).reshape(n, *shape[1:])
-
-
-def _list_images(folder):
-    files = [os.path.join(root, f) for root, _, names in os.walk(folder, followlinks=True) for f in names
-             if f.lower().endswith(IMAGE_EXTENSIONS)]
-    return sorted(files, key=lambda f: os.path.relpath(f, folder).split(os.sep))
 
 
 def _load_rgb(path):

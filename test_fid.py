@@ -289,6 +289,16 @@ def test_folder_is_read_recursively_in_order(tmp_path):
     assert np.array_equal(batches[1][0], images[3]) and np.array_equal(batches[2][0], images[4])
 
 
+def test_folder_with_a_link_loop_counts_each_image_once(tmp_path):
+    for name in ["x.png", "sub/y.png"]:
+        os.makedirs(tmp_path / os.path.dirname(name), exist_ok=True)
+        Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / name)
+    os.symlink(".", tmp_path / "self")        # os.walk(followlinks=True) would go round this loop until paths get too long
+    os.symlink("..", tmp_path / "sub" / "up")
+    src = fid.Source(str(tmp_path))
+    assert src.num_images == 2 and [os.path.relpath(f, tmp_path) for f in src.files] == ["sub/y.png", "x.png"]
+
+
 # ----------------------------------------------------------------------------- command line
 
 def run_main(argv, capsys):
