@@ -44,16 +44,22 @@ def _watched(rank, world, port, out, hang_s, fn, args):
     fn(rank, out, *args)
 
 
-def spawn(fn, *args, nprocs=2, hang_s=HANG_S, attempts=2, root=None, start_method="spawn"):
+def spawn(fn, *args, nprocs=2, hang_s=HANG_S, attempts=2, root=None, start_method="spawn", grace_s=60):
     """fn(rank, out, *args) in nprocs processes of one group, spawned (or forked: start_method="fork"), with env://'s
     MASTER_PORT etc. set and a fresh port and folder `out` under root per attempt; returns `out`. A run that hangs is
     stopped after hang_s and run once more, with the hung stacks as a warning: a rare hang of a gloo group (seen once
-    in CI, cause not found) must not cost the suite its time limit. A second hang fails the test with the stacks."""
+    in CI, cause not found) must not cost the suite its time limit. A second hang fails the test with the stacks. A
+    child still alive grace_s after its watchdog should have fired is killed (the test fails)."""
     for attempt in range(1, attempts + 1):
         out = tempfile.mkdtemp(prefix=f"spawn{attempt}-", dir=root)
         try:
             child_args = (nprocs, _free_port(), out, hang_s, fn, args)
-            mp.start_processes(_watched, child_args, nprocs, start_method=start_method)
+            group = mp.start_processes(_watched, child_args, nprocs, join=False, start_method=start_method)
+            deadline = time.monotonic() + hang_s + grace_s
+            while not group.join(timeout=1):
+                if time.monotonic() > deadline:
+                    for process in group.processes:
+                        process.kill()  # a watchdog that could not fire: the next join raises (SIGKILL)
             return out
         except mp.ProcessExitedException:
             dumps = [os.path.join(out, f"hang_rank{r}.txt") for r in range(nprocs)]  # absent: died before the watchdog
@@ -79,3 +85,13 @@ def test_a_hung_process_group_is_stopped_with_its_stacks_and_run_again(tmp_path)
     assert os.path.basename(out).startswith("spawn2-") and {"done0", "done1"} <= set(os.listdir(out))
     with pytest.raises(pytest.fail.Exception, match=hung):  # the last attempt hangs: the test fails, with the stack
         spawn(_hang_on_first_attempt, hang_s=2, root=tmp_path, attempts=1)
+
+
+def _hang_without_watchdog(rank, out):
+    faulthandler.cancel_dump_traceback_later()  # as if the watchdog could not fire (it deadlocks in a forked child
+    time.sleep(600)                             # of a process whose own watchdog was armed, e.g. by pytest's)
+
+
+def test_a_child_whose_watchdog_cannot_fire_is_killed(tmp_path):
+    with pytest.raises(mp.ProcessExitedException, match="SIGKILL"):
+        spawn(_hang_without_watchdog, hang_s=5, grace_s=1, root=tmp_path)  # 5 s: time to cancel it
