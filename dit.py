@@ -21,6 +21,7 @@ import os
 import re
 import sys
 import time
+from collections import OrderedDict
 from functools import partial
 from urllib.parse import urlparse
 
@@ -111,18 +112,6 @@ class Attention(nn.Module):
         return self.proj(x.transpose(1, 2).reshape(N, T, D))
 
 
-class Mlp(nn.Module):
-    """timm's Mlp with the keys `fc1`, `fc2`; DiT uses the tanh approximation of GELU."""
-
-    def __init__(self, dim, hidden_dim):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden_dim)
-        self.fc2 = nn.Linear(hidden_dim, dim)
-
-    def forward(self, x):
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
-
-
 class DiTBlock(nn.Module):
     """Transformer block with adaptive layer norm zero (adaLN-Zero) conditioning."""
 
@@ -131,7 +120,9 @@ class DiTBlock(nn.Module):
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(hidden_size, num_heads=num_heads, qkv_bias=True)
         self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+        width = int(hidden_size * mlp_ratio)  # timm's Mlp (its keys fc1, fc2), with DiT's tanh-approximated GELU
+        self.mlp = nn.Sequential(OrderedDict(fc1=nn.Linear(hidden_size, width), act=nn.GELU(approximate="tanh"),
+                                             fc2=nn.Linear(width, hidden_size)))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
 
     def forward(self, x, c):
