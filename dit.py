@@ -607,15 +607,22 @@ def noise_source(generator, device):
     return lambda x: torch.randn(x.shape, generator=generator, device=generator.device, dtype=x.dtype).to(x.device)
 
 
-def classifier_free_guidance(model, cfg_scale, null_class=None, guide_channels=None):
-    """model(x, t, y) guided: one batched pass over [x, x] with labels [y, null] (null: model.num_classes), eps (or
-    velocity) = uncond + cfg_scale (cond - uncond) on the first guide_channels channels (None: all; 3 reproduces the
-    official DiT sampler), the other channels (a learned variance) from the conditional half."""
+def null_label(model, null_class=None):
+    """The unconditional label of classifier-free guidance: null_class, else model.num_classes (the extra row that
+    label dropout adds to the label table); ValueError when the model has no such row."""
     null = getattr(model, "num_classes", None) if null_class is None else null_class
     table = getattr(getattr(model, "y_embedder", None), "embedding_table", None)
     if null is None or (table is not None and table.num_embeddings <= null):
-        raise ValueError("classifier-free guidance needs a null-class label, which this model lacks (no num_classes "
-                         "attribute, or trained with class_dropout_prob=0): sample with cfg_scale=1.0")
+        raise ValueError("guidance needs a null-class label, which this model lacks (no num_classes, or built with "
+                         "class_dropout_prob=0): use cfg_scale=1.0 (MeanFlow: omega=1, kappa=0, no label dropout)")
+    return null
+
+
+def classifier_free_guidance(model, cfg_scale, null_class=None, guide_channels=None):
+    """model(x, t, y) guided: one batched pass over [x, x] with labels [y, null] (null_label), eps (or velocity) =
+    uncond + cfg_scale (cond - uncond) on the first guide_channels channels (None: all; 3 reproduces the official DiT
+    sampler), the other channels (a learned variance) from the conditional half."""
+    null = null_label(model, null_class)
 
     def guided(x, t, y):
         out = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, null)]))

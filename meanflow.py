@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dit import SIZES as DIT_SIZES
-from dit import Attention, DiT, Progress, TimestepEmbedder
+from dit import Attention, DiT, Progress, TimestepEmbedder, null_label
 
 
 class MeanFlowDiT(DiT):
@@ -104,14 +104,6 @@ class MeanFlow:
         r = torch.where(torch.arange(batch_size, device=device) < batch_size - self.num_r_neq_t(batch_size), t, r)
         return t.to(dtype), r.to(dtype)
 
-    def _null(self, model):
-        null = getattr(model, "num_classes", None) if self.null_class is None else self.null_class
-        table = getattr(getattr(model, "y_embedder", None), "embedding_table", None)
-        if null is None or (table is not None and table.num_embeddings <= null):
-            raise ValueError("the network has no null-class row (built with class_dropout_prob=0, or no num_classes):"
-                             " build it with class_dropout_prob > 0, or train with omega=1, kappa=0, no dropout")
-        return null
-
     def guided_rows(self, t, drop=None):
         """Rows whose target is guided: t in t_interval and the label kept."""
         rows = (t >= self.t_interval[0]) & (t <= self.t_interval[1])
@@ -132,7 +124,7 @@ class MeanFlow:
             i = (rows if skip_kappa is None else rows & ~skip_kappa).nonzero().squeeze(1)
             calls.append((self.kappa, i, y[i]))
         if w_null != 0.0:
-            calls.append((w_null, idx, torch.full_like(y[idx], self._null(model))))
+            calls.append((w_null, idx, torch.full_like(y[idx], null_label(model, self.null_class))))
         ii = torch.cat([i for _, i, _ in calls])
         if len(ii):
             with torch.no_grad():                                                 # the target is stopped anyway
@@ -172,7 +164,7 @@ class MeanFlow:
         reuse = self.guided_rows(t, drop) & (r == t) if self.kappa != 0.0 else None  # Speed: deferred κ
         v_g = self.guided_velocity(model, z, t, y, v, drop, skip_kappa=reuse)
         if drop is not None:
-            y = torch.where(drop, self._null(model), y)                            # dropped rows keep v_g = v
+            y = torch.where(drop, null_label(model, self.null_class), y)           # dropped rows keep v_g = v
         # u_tgt = sg(v_g − (t − r)·du/dt) with du/dt from the JVP along (dz, dt, dr) = (v_g, 1, 0)
         u, u_tgt, feats = predict_and_target(model, z, t, r, y, v_g, return_features, n_eq)
         u_tgt = _add_deferred_kappa(u_tgt, u, reuse, self.kappa)

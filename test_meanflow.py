@@ -479,7 +479,7 @@ def test_no_guidance_calls_when_omega_1_kappa_0_and_errors():
         MeanFlow().training_losses(model, x, y, t=t)
     with pytest.raises(ValueError, match="t >= r"):
         MeanFlow().training_losses(model, x, y, t=t, r=t + 0.1)
-    with pytest.raises(ValueError, match="null-class row"):
+    with pytest.raises(ValueError, match="null-class label"):
         m = MeanFlowDiT(input_size=8, patch_size=4, in_channels=2, hidden_size=32, depth=1, num_heads=2,
                         num_classes=5, class_dropout_prob=0.0)
         MeanFlow().training_losses(m, x.float(), y)
