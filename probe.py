@@ -102,12 +102,10 @@ def load_probe(image_size):
     return model.eval(), mu, sigma
 
 
-def shape_metrics(images, labels, image_size=None):
+def shape_metrics(images, labels):
     """{"shape_acc", "shape_fd"} of images (uint8 (N, H, W, 3) or float [-1, 1] (N, 3, H, W)) asked for `labels`
-    (indices into data.SHAPES); image_size, when given, must be the images'."""
+    (indices into data.SHAPES), with the probe of the images' size."""
     x = to_input(images)
-    if image_size not in (None, x.shape[-1]):
-        raise ValueError(f"the images are {x.shape[-1]}px, not image_size {image_size}: pass the images' size")
     model, mu, sigma = load_probe(x.shape[-1])
     f, pred = features(model, x)
     acc = (pred == torch.as_tensor(np.asarray(labels)).long()).float().mean().item()
