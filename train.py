@@ -36,6 +36,7 @@ import meanflow
 import sample
 import sit
 from dispersive import VARIANTS, DispersiveConfig, contrastive_loss
+from sample import NATURAL, NONNEGATIVE, POSITIVE  # argparse types shared with sample.py
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -136,10 +137,7 @@ RESUMABLE = {"resume", "steps", "epochs", "micro_batch_size", "log_every", "ckpt
              "run_name"}
 
 
-POSITIVE = dit.checked(int, lambda v: v >= 1, "an integer >= 1")
-COUNT = dit.checked(int, lambda v: v >= 0, "an integer >= 0")
 RATE = dit.checked(float, lambda v: 0 < v < math.inf, "a number > 0")
-WEIGHT = dit.checked(float, lambda v: 0 <= v < math.inf, "a number >= 0")
 DECAY = dit.checked(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
 
 
@@ -153,14 +151,14 @@ def get_parser():
     g("--latent-cache", help="SD-VAE latent cache made by `python data.py cache` (latent space)")
     g("--pixel-space", action="store_true", default=None, help="train on the pixels of --data-path at >= 256 px")
     g("--path", "--path-type", type=str.lower, choices=["linear", "gvp"], help="SiT interpolant (default linear)")
-    g("--max-bad", type=COUNT, help="unreadable images skipped per data process before the run stops (default 100)")
+    g("--max-bad", type=NATURAL, help="unreadable images skipped per data process before the run stops (default 100)")
     g = p.add_argument_group("dispersive loss").add_argument
     g("--disp", choices=["none", *VARIANTS, "contrastive"], help="default infonce_l2; contrastive: the 2-view baseline")
     g("--disp-preset", choices=["paper", "official"], help="paper: λ .5, τ .5, block depth//4; official .25, 1, last")
-    g("--disp-weight", type=WEIGHT, help="λ (overrides the preset)")
+    g("--disp-weight", type=NONNEGATIVE, help="λ (overrides the preset)")
     g("--disp-tau", type=RATE, help="τ of the InfoNCE variants (overrides the preset)")
     g("--disp-block", type=POSITIVE, help="1-based block whose output is regularised (overrides the preset)")
-    g("--disp-margin", type=WEIGHT, help="ε of the hinge variant (default 1.0)")
+    g("--disp-margin", type=NONNEGATIVE, help="ε of the hinge variant (default 1.0)")
     g = p.add_argument_group("optimisation").add_argument
     g("--steps", type=POSITIVE, help="optimizer steps (DiT/SiT 400K, MeanFlow 1.2M; T: 2400)")
     g("--epochs", type=RATE, help="train this many epochs instead of --steps")
@@ -169,13 +167,13 @@ def get_parser():
     g("--lr", type=RATE, help="AdamW learning rate, constant after warmup (1e-4; T: 4e-3 after 50 steps)")
     g("--grad-clip", type=RATE, help="clip the global gradient norm (default: none, as the papers)")
     g("--ema-decay", type=DECAY, help="EMA decay per step (0.9999; T: 0.99)")
-    g("--global-seed", type=COUNT, help="seed; rank r draws with global_seed · world_size + r (default 0)")
+    g("--global-seed", type=NATURAL, help="seed; rank r draws with global_seed · world_size + r (default 0)")
     g = p.add_argument_group("system").add_argument
     g("--device", choices=["auto", "cpu", "cuda", "mps"], help="default auto: cuda > mps > cpu")
     g("--precision", choices=["auto", "fp32", "bf16"], help="default auto: bf16 autocast on capable GPUs")
     g("--compile", action="store_true", default=None, help="torch.compile the network (MeanFlow's JVP rows stay eager)")
     g("--grad-checkpointing", action="store_true", default=None, help="recompute blocks in backward: less memory")
-    g("--num-workers", type=COUNT, help="DataLoader workers per process (default: 0 for the shapes, else <= 8)")
+    g("--num-workers", type=NATURAL, help="DataLoader workers per process (default: 0 for the shapes, else <= 8)")
     g = p.add_argument_group("run folder, logs, checkpoints, sample grids").add_argument
     g("--results-dir", help="parent of the run folders (default runs)")
     g("--run-name", help="a new run folder's name (default: start time and model)")
@@ -183,8 +181,8 @@ def get_parser():
     g("--init-from", "--ckpt", help="a new run from weights (+ AdamW state): ours, official DiT/SiT, released ones")
     g("--log-every", type=POSITIVE, help="steps between log lines (default 100)")
     g("--ckpt-every", type=POSITIVE, help="steps between checkpoints (10K; T: 1000); a stop always saves")
-    g("--keep-every", type=COUNT, help="also keep checkpoint_<step>.pt every this many steps (default 0: never)")
-    g("--sample-every", type=COUNT, help="steps between sample grids, also at start and end; 0: none (10K; T: 1000)")
+    g("--keep-every", type=NATURAL, help="also keep checkpoint_<step>.pt every this many steps (default 0: never)")
+    g("--sample-every", type=NATURAL, help="steps between sample grids, also at start and end; 0: none (10K; T: 1000)")
     return p
 
 
