@@ -87,3 +87,20 @@ def test_dit_macs_match_the_dit_paper():
         model = SimpleNamespace(x_embedder=SimpleNamespace(num_patches=(32 // patch) ** 2), hidden_size=width,
                                 depth=depth, patch_size=patch, in_channels=4, out_channels=8)
         assert bench.dit_macs(model) / 1e9 == pytest.approx(gflops, rel=2e-3)
+
+
+def test_readme_code_line_counts_are_what_its_command_counts():
+    """The README's files table states each file's code lines and the total: they are what its one-line command
+    prints for the tree as it is (the command is taken from the README and run as written)."""
+    import os
+    import re
+    import subprocess
+    root = os.path.dirname(os.path.abspath(__file__))
+    readme = open(os.path.join(root, "README.md"), encoding="utf-8").read()
+    command = next(line for line in readme.splitlines() if line.startswith('python -c "import ast'))
+    out = subprocess.run(["bash", "-c", command], cwd=root, capture_output=True, text=True, check=True).stdout
+    counted = {f: int(n) for n, f in (line.split() for line in out.strip().splitlines()[:-1])}
+    stated = {f: int(n) for f, n in re.findall(r"^\| `(\w+\.py)` \| (\d+) \|", readme, re.M)}
+    assert stated == counted and len(counted) >= 10
+    total = int(re.search(r"^\| all of the above \| \*\*(\d+)\*\* \|", readme, re.M).group(1))
+    assert total == sum(counted.values()) == int(out.split()[-3])
